@@ -1,0 +1,169 @@
+"""Text sources for every chapter: WikiText-2 when reachable, an offline corpus otherwise, random tokens.
+
+BOS handling (the sink numbers depend on it): every sequence this module hands to a model starts with the
+tokenizer's BOS token at position 0, as Llama's tokenizer does by default. ``random_token_batch`` keeps that
+BOS and draws the rest uniformly, so "random tokens" means random *content* after a normal first token;
+pass ``bos=False`` to make position 0 random too.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+#: Packages whose docstrings form the offline training corpus. The standard library is always there.
+CORPUS_PACKAGES = ("stdlib", "torch", "numpy", "transformers")
+MIN_DOCSTRING_CHARS = 200
+
+
+def _package_files(package: str) -> list[Path]:
+    if package == "stdlib":
+        root = Path(textwrap.__file__).parent
+        return sorted(p for p in root.glob("*.py"))  # top level only: no tests, no site-packages
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(list(spec.submodule_search_locations)[0])
+    return sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts)
+
+
+def _clean(doc: str) -> str:
+    """Keep prose: drop doctest lines (``ast.get_docstring`` already removed the indentation)."""
+    lines = [ln for ln in doc.splitlines() if not ln.lstrip().startswith((">>>", "..."))]
+    return "\n".join(lines).strip()
+
+
+def docstrings(packages: tuple[str, ...] = CORPUS_PACKAGES) -> list[str]:
+    """Docstrings (module, class, function) of installed packages, deduplicated, in a stable order."""
+    seen, out = set(), []
+    for package in packages:
+        for path in _package_files(package):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+            except (SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                        text = _clean(doc)
+                        if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
+                            seen.add(text)
+                            out.append(text)
+    return out
+
+
+def python_docs() -> list[str]:
+    """The Python language reference topics shipped with CPython (``pydoc_data``): the held-out text.
+
+    It is never part of the training corpus, so it is fair held-out English for measuring the sink.
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some distributions split pydoc_data out
+        raise RuntimeError("pydoc_data is missing from this Python; install the full standard library") from err
+    return [topics[k].strip() for k in sorted(topics) if len(topics[k]) >= MIN_DOCSTRING_CHARS]
+
+
+def wikitext2(split: str = "test") -> list[str] | None:
+    """WikiText-2 raw paragraphs through ``datasets`` when it is installed and reachable, else None."""
+    if importlib.util.find_spec("datasets") is None:
+        return None
+    try:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception:  # offline, hub unreachable, or no cache: the caller falls back
+        return None
+    return [r["text"].strip() for r in rows if len(r["text"].strip()) >= MIN_DOCSTRING_CHARS]
+
+
+def texts(source: str = "auto") -> tuple[str, list[str]]:
+    """Held-out analysis text by name: ``"wikitext2"``, ``"python_docs"`` or ``"auto"`` (first that works).
+
+    Returns ``(name_used, paragraphs)`` so a chapter can print which text it measured on.
+    """
+    choices = ("auto", "wikitext2", "python_docs")
+    if source not in choices:
+        raise ValueError(f"unknown text source {source!r}; choose one of {choices}")
+    if source in ("auto", "wikitext2"):
+        rows = wikitext2()
+        if rows:
+            return "wikitext2", rows
+        if source == "wikitext2":
+            raise RuntimeError("WikiText-2 is not reachable here (needs `datasets` and the hub or its cache); "
+                               "use source='python_docs' or 'auto'")
+    return "python_docs", python_docs()
+
+
+def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``n`` sequences of exactly ``length`` tokens, each BOS + a window of one paragraph stream.
+
+    Paragraphs are joined (EOS between them) and cut at seeded random offsets, so every row is real text.
+    """
+    if length < 2:
+        raise ValueError(f"length must be at least 2 (BOS + one token), got {length}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if not paragraphs:
+        raise ValueError("no text given: paragraphs is empty")
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for p in paragraphs:
+        stream += tokenizer(p, add_special_tokens=False)["input_ids"] + [eos]
+    body = length - 1
+    if len(stream) <= body:
+        raise ValueError(f"the text has {len(stream)} tokens, fewer than the {body} each sequence needs")
+    rng = random.Random(seed)
+    rows = [[tokenizer.bos_token_id] + stream[s:s + body]
+            for s in (rng.randrange(len(stream) - body) for _ in range(n))]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def random_token_batch(vocab_size: int, n: int, length: int, bos_id: int | None, seed: int = 0,
+                       low: int = 4) -> torch.Tensor:
+    """Uniform random token ids in ``[low, vocab_size)``: the chapter-2 check that variance discrepancy is
+    positional, not semantic. With ``bos_id`` the first column is BOS; with None it is random too."""
+    if low >= vocab_size:
+        raise ValueError(f"low={low} must be below vocab_size={vocab_size}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab_size, (n, length), generator=g)
+    if bos_id is not None:
+        ids[:, 0] = bos_id
+    return ids
+
+
+def describe_environment() -> str:
+    """One line saying which corpus inputs were available (for model cards and logs)."""
+    import numpy, transformers  # noqa: E401 - versions only
+
+    return (f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def bigram_backcopy(n: int, length: int, vocab_size: int, seed: int, n_triggers: int = 8,
+                    branching: int = 4, low: int = 4) -> torch.Tensor:
+    """The Bigram-Backcopy task of Guo et al. 2024 ("Active-Dormant Attention Heads"): after a trigger
+    token the next token repeats the token before the trigger; otherwise it follows a fixed sparse bigram
+    table. Heads that only matter after triggers learn to park their attention: a fast route to a sink.
+    The table and triggers are fixed (seed 0); ``seed`` only draws the sequences."""
+    table_gen = torch.Generator().manual_seed(0)
+    succ = torch.randint(low, vocab_size, (vocab_size, branching), generator=table_gen)
+    triggers = torch.zeros(vocab_size, dtype=torch.bool)
+    triggers[torch.randint(low, vocab_size, (n_triggers,), generator=table_gen)] = True
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, length, dtype=torch.long)
+    out[:, 0] = torch.randint(low, vocab_size, (n,), generator=g)
+    choice = torch.randint(0, branching, (n, length), generator=g)
+    for t in range(1, length):
+        prev = out[:, t - 1]
+        nxt = succ[prev, choice[:, t]]
+        if t >= 2:
+            nxt = torch.where(triggers[prev], out[:, t - 2], nxt)
+        out[:, t] = nxt
+    return out

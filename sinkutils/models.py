@@ -1,0 +1,154 @@
+"""Load a model the chapters can instrument: an embedded default, a local folder, or a hub model.
+
+Embedded defaults ship inside the package (``sinkutils/checkpoints``) and need no network. Hub models
+(Llama-2/3, Mistral, Qwen2, SmolLM) load when a hub is reachable; weights come from safetensors only and
+remote code is never trusted unless asked for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sinkutils import compat, trace
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+#: short name -> folder under ``CHECKPOINTS`` (trained by ``sinkutils.train``; see each MODEL_CARD.md)
+EMBEDDED = {"sinkbook-tiny": "sinkbook-tiny"}
+DEFAULT = "sinkbook-tiny"
+#: short name -> hub id, the models the GPU profile and the paper use
+HUB = {
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "smollm-135m": "HuggingFaceTB/SmolLM-135M",
+    "smollm-360m": "HuggingFaceTB/SmolLM-360M",
+}
+#: config.model_type values whose layers look like Llama's (the families the instrumentation knows)
+FAMILIES = ("llama", "mistral", "qwen2")
+_ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ModelNotAvailable(RuntimeError):
+    """The name is not an embedded default, a local folder, or a hub model reachable from here."""
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's layers do not have the Llama-like parts the instrumentation hooks into."""
+
+
+def resolve(name_or_dir: str | os.PathLike) -> tuple[str, bool]:
+    """(where to load from, is_local). Short names first, then folders, then hub ids."""
+    name = str(name_or_dir)
+    if name in EMBEDDED:
+        path = CHECKPOINTS / EMBEDDED[name]
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"the embedded model {name!r} is missing from {path}; reinstall sinkbook")
+        return str(path), True
+    if Path(name).is_dir():
+        return name, True
+    if name in HUB:
+        return HUB[name], False
+    if "/" in name and not Path(name).exists():
+        return name, False
+    raise ModelNotAvailable(f"unknown model {name!r}: not a folder; embedded defaults are {sorted(EMBEDDED)}, "
+                            f"hub short names are {sorted(HUB)}, or pass a hub id like 'meta-llama/Llama-2-7b-hf'")
+
+
+def check_architecture(model) -> None:
+    """Raise ``UnsupportedArchitecture`` unless every layer has Llama's attention and SwiGLU parts."""
+    kind = getattr(model.config, "model_type", "?")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    missing = []
+    if layers is None:
+        missing.append("model.layers")
+    else:
+        for part in _ATTN_PARTS:
+            if not hasattr(layers[0].self_attn, part):
+                missing.append(f"self_attn.{part}")
+        for part in _MLP_PARTS:
+            if not hasattr(getattr(layers[0], "mlp", None), part):
+                missing.append(f"mlp.{part}")
+    if missing:
+        raise UnsupportedArchitecture(f"cannot instrument model_type {kind!r}: it lacks {missing}. "
+                                      f"Supported families: {FAMILIES} (Llama-like decoders)")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPU (exact analysis); bfloat16 on GPUs that have it, else float16 (Colab T4)."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dtype: torch.dtype | None = None,
+         trust_remote_code: bool = False):
+    """(model, tokenizer) ready for ``trace``: eval mode, the sinkbook attention, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from sinkutils import variants
+
+    source, local = resolve(name_or_dir)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if config.model_type not in FAMILIES:
+            raise UnsupportedArchitecture(f"cannot instrument model_type {config.model_type!r}; "
+                                          f"supported families: {FAMILIES} (Llama-like decoders)")
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, attn_implementation=trace.ATTN_NAME, use_safetensors=True,
+            trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
+    except OSError as err:
+        if local:
+            raise
+        raise ModelNotAvailable(
+            f"could not load {source!r} from the hub ({type(err).__name__}); offline you can use the embedded "
+            f"defaults {sorted(EMBEDDED)} or a local folder saved with save_pretrained. Gated models "
+            f"(Llama) also need `huggingface-cli login`.") from err
+    check_architecture(model)
+    variants.attach(model, source)
+    return model.to(device).eval(), tokenizer
+
+
+def n_layers(model) -> int:
+    return len(trace.decoder_layers(model))
+
+
+def check_layer(model, layer: int) -> int:
+    """``layer`` if valid, else a ValueError naming the valid range."""
+    n = n_layers(model)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n - 1}")
+    return layer
+
+
+def check_head(model, head: int) -> int:
+    n = model.config.num_attention_heads
+    if not isinstance(head, int) or not 0 <= head < n:
+        raise ValueError(f"head {head} is out of range: this model has heads 0..{n - 1}")
+    return head
+
+
+def encode(tokenizer, model, text: str) -> torch.Tensor:
+    """Token ids (1, T) for ``text`` with the tokenizer's BOS; refuses empty text and over-long input."""
+    if not text or not text.strip():
+        raise ValueError("empty text: give at least one word")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    check_length(model, ids.shape[-1])
+    return ids.to(model.device)
+
+
+def check_length(model, length: int) -> None:
+    limit = model.config.max_position_embeddings
+    if length > limit:
+        raise ValueError(f"sequence of {length} tokens is longer than this model's context of {limit}")

@@ -1,0 +1,199 @@
+"""Record what the chapters measure, and only that, in one context manager.
+
+    with trace.record(model, "attn.sink", "resid") as rec:
+        model(input_ids=ids)
+    rec["attn.sink"]   # (layers, batch, heads, queries): attention each query gives to the sink key
+
+Quantities (raw Hugging Face numbers, no weight folding):
+
+- ``attn.sink``     attention weight from each query to key ``sink_index`` (default 0), per layer and head
+- ``attn.entropy``  entropy (nats) of each query's attention distribution, per layer and head
+- ``attn.pattern``  full attention maps (batch, heads, T, S) of the layers asked for (chapter-1 heatmaps)
+- ``attn.head_out`` per-head attention outputs after aggregation, before W_O: (batch, T, heads, head_dim)
+- ``resid``         residual stream: index 0 is the embedding output, index l+1 the output of layer l
+- ``mlp.act``       FFN hidden activations act(gate) * up, the input of ``down_proj``
+
+Sink and entropy never build a (T x T) matrix: one extra fused SDPA call per layer uses as values a
+one-hot of the sink key (giving its weight p_s) and the keys themselves (giving E_p[k]); with the sink's
+logit s_s, the log-partition is log Z = s_s - log p_s and the entropy is log Z - scale * q . E_p[k].
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sinkutils import compat
+
+ATTN_NAME = "sinkbook"
+QUANTITIES = ("attn.sink", "attn.entropy", "attn.pattern", "attn.head_out", "resid", "mlp.act")
+_ATTENTION_STATS = ("attn.sink", "attn.entropy", "attn.pattern")
+_MIN_PROB = 1e-30  # below this the log-partition from p_s loses precision: fall back to an exact row
+
+
+class Recorder:
+    """What one ``record`` block captured: ``rec[name]`` stacks the recorded layers in order."""
+
+    def __init__(self, quantities: tuple[str, ...], layers: list[int], sink_index: int):
+        self.quantities, self.layers, self.sink_index = quantities, layers, sink_index
+        self._data: dict[str, dict[int, torch.Tensor]] = {q: {} for q in quantities}
+
+    def wants(self, name: str, layer: int) -> bool:
+        return name in self._data and layer in self.layers
+
+    def put(self, name: str, layer: int, value: torch.Tensor) -> None:
+        self._data[name][layer] = value.detach()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._data:
+            raise KeyError(f"{name!r} was not recorded; this block recorded {self.quantities}")
+        got = self._data[name]
+        if not got:
+            raise RuntimeError(f"{name!r} is empty: was the model called inside the `with` block?")
+        return torch.stack([got[k] for k in sorted(got)])
+
+    def sink_per_layer(self, min_query: int = 4) -> torch.Tensor:
+        """Mean attention to the sink key per layer, over batch, heads and queries at positions >= min_query
+        (early queries attend to few keys, so their weight on token 0 is high for trivial reasons)."""
+        sink = self["attn.sink"]
+        if sink.shape[-1] <= min_query:
+            raise ValueError(f"min_query={min_query} leaves no queries in a sequence of {sink.shape[-1]}")
+        return sink[..., min_query:].float().mean(dim=(1, 2, 3))
+
+
+_active: list[Recorder] = []
+_mask_edits: list = []  # callables (mask, q_len, kv_len, device) -> mask; interventions push here
+
+
+def _causal_bool(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Causal mask aligned lower-right (a query sees every key up to its own absolute position)."""
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return q >= torch.arange(kv_len, device=device)[None, :]
+
+
+def as_additive(mask: torch.Tensor | None, q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """Any of the three mask forms (None = causal, bool = True attends, float additive) as a float mask."""
+    mask = compat.align_mask(mask, kv_len)
+    if mask is None:
+        mask = _causal_bool(q_len, kv_len, device)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return x.repeat_interleave(n_heads // x.shape[1], dim=1) if x.shape[1] != n_heads else x
+
+
+def attention_stats(query, key, mask, scaling: float, sink_index: int, want: tuple[str, ...]) -> dict:
+    """Sink weight, entropy and/or full pattern for one layer, from post-RoPE q (B,H,T,D) and k (B,Hkv,S,D)."""
+    B, H, T, D = query.shape
+    S = key.shape[2]
+    key = _expand_kv(key, H)
+    add = as_additive(mask, T, S, torch.float32, query.device)
+    out: dict[str, torch.Tensor] = {}
+    if "attn.pattern" in want:
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scaling + add
+        out["attn.pattern"] = scores.softmax(-1)
+    if not {"attn.sink", "attn.entropy"} & set(want):
+        return out
+    if not 0 <= sink_index < S:
+        raise ValueError(f"sink_index {sink_index} is outside the {S} keys of this forward pass")
+    q, k = query.float(), key.float()
+    onehot = torch.zeros(B, H, S, 1, device=q.device)
+    onehot[:, :, sink_index] = 1.0
+    values = torch.cat([onehot, k], dim=-1) if "attn.entropy" in want else onehot
+    agg = F.scaled_dot_product_attention(q, k, values, attn_mask=add.expand(B, H, T, S), scale=scaling)
+    p_sink = agg[..., 0]
+    if "attn.sink" in want:
+        out["attn.sink"] = p_sink
+    if "attn.entropy" in want:
+        s_sink = (q * k[:, :, sink_index, None, :]).sum(-1) * scaling + add[..., sink_index].expand(B, H, T)
+        log_z = s_sink - torch.log(p_sink.clamp_min(_MIN_PROB))
+        entropy = log_z - scaling * (q * agg[..., 1:]).sum(-1)
+        low = p_sink < _MIN_PROB
+        if low.any():  # rare: recompute those rows exactly
+            b, h, t = low.nonzero(as_tuple=True)
+            rows = (q[b, h, t, None, :] * k[b, h]).sum(-1) * scaling + add.expand(B, H, T, S)[b, h, t]
+            entropy[b, h, t] = -(rows.softmax(-1) * rows.log_softmax(-1).nan_to_num(0.0)).sum(-1)
+        out["attn.entropy"] = entropy
+    return out
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: sdpa's own output, then what the active recorder asks for."""
+    from sinkutils import variants
+
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    T, S = query.shape[2], key.shape[2]
+    for edit in _mask_edits:
+        attention_mask = edit(compat.align_mask(attention_mask, S), T, S, query.device)
+    out, weights = variants.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    layer = module.layer_idx
+    for rec in _active:
+        want = tuple(q for q in _ATTENTION_STATS if rec.wants(q, layer))
+        if want:
+            stats = variants.stats(module, query, key, attention_mask, scaling, rec.sink_index, want)
+            for name, value_ in stats.items():
+                rec.put(name, layer, value_)
+    return out, weights
+
+
+compat.register_attention(ATTN_NAME, attention)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's decoder layers (Llama-like models keep them at ``model.model.layers``)."""
+    return model.model.layers
+
+
+@contextlib.contextmanager
+def record(model, *quantities: str, layers: list[int] | None = None, sink_index: int = 0) -> Iterator[Recorder]:
+    """Record the named quantities during the forward passes inside the block (see module docstring)."""
+    unknown = [q for q in quantities if q not in QUANTITIES]
+    if unknown or not quantities:
+        raise ValueError(f"unknown or no quantities {unknown or quantities}; choose from {QUANTITIES}")
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    layers = list(range(n)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < n]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n - 1}")
+    if "attn.pattern" in quantities and len(layers) == n and n > 4:
+        raise ValueError("attn.pattern stores (T x T) maps: ask for a few layers with layers=[...]")
+    rec = Recorder(tuple(quantities), layers, sink_index)
+    hooks = []
+    if "resid" in quantities:
+        def embed_hook(_m, _inp, out):
+            rec._data["resid"][-1] = out.detach()
+        hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    for l, block in enumerate(blocks):
+        if l not in layers:
+            continue
+        if "resid" in quantities:
+            hooks.append(block.register_forward_hook(
+                lambda _m, _i, out, l=l: rec.put("resid", l, compat.layer_output(out))))
+        if "attn.head_out" in quantities:
+            attn = block.self_attn
+            hooks.append(attn.o_proj.register_forward_pre_hook(
+                lambda _m, inp, a=attn, l=l: rec.put("attn.head_out", l,
+                                                     inp[0].unflatten(-1, (-1, a.head_dim)))))
+        if "mlp.act" in quantities:
+            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, inp, l=l: rec.put("mlp.act", l, inp[0])))
+    previous = compat.set_attention(model, ATTN_NAME) if set(quantities) & set(_ATTENTION_STATS) else None
+    _active.append(rec)
+    try:
+        yield rec
+    finally:
+        _active.remove(rec)
+        for h in hooks:
+            h.remove()
+        if previous is not None:
+            compat.set_attention(model, previous)
+    if "resid" in quantities and -1 in rec._data["resid"]:
+        # store layer outputs at index l+1 after the embedding at 0
+        data = rec._data["resid"]
+        rec._data["resid"] = {0: data.pop(-1)} | {l + 1: v for l, v in data.items()}

@@ -1,0 +1,309 @@
+"""Small pre-training, readable top to bottom (the embedded default models and chapter 6 come from here).
+
+Two steps, each a CLI sub-command:
+
+    python -m sinkutils.train prepare --data-dir D          # build tokenizer + token streams once
+    python -m sinkutils.train run --data-dir D --out-dir O  # train; rerun the same line to resume
+
+Batches are a pure function of (seed, step), so an interrupted run resumed from its last checkpoint sees
+exactly the batches it would have seen, and ends where the uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sinkutils import data
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama's order: unk=0, bos=1, eos=2
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    variant: str = "baseline"
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 8
+    n_kv_head: int = 8
+    d_ff: int = 688
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 3000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    synthetic_frac: float = 0.0   # share of each batch drawn from the Bigram-Backcopy task (data.py)
+    eval_every: int = 250
+    eval_batches: int = 4
+    ckpt_every: int = 250
+    seed: int = 0
+    threads: int = 0              # 0: torch's default
+
+    def validate(self) -> None:
+        from sinkutils.variants import VARIANTS
+
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        for name in ("lr", "steps", "batch_size", "seq_len", "n_layer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.synthetic_frac <= 1 or self.weight_decay < 0 or self.warmup < 0:
+            raise ValueError("synthetic_frac must lie in [0, 1]; weight_decay and warmup must be >= 0")
+
+    def model_fields(self) -> dict:
+        """The fields that define the network: a resume must match them exactly."""
+        keys = ("variant", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "seq_len")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- data preparation
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on ``texts``; prepends BOS like Llama's tokenizer (``add_special_tokens``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def _stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for t in tqdm(texts, desc="tokenize", leave=False):
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.int32)
+
+
+def prepare(data_dir: str, vocab_size: int = 4096) -> None:
+    """Tokenizer + train stream (installed docstrings) + validation stream (Python docs, never trained on)."""
+    out = Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts = data.docstrings()
+    tokenizer = build_tokenizer(train_texts, vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    save_file({"train": _stream(tokenizer, train_texts), "val": _stream(tokenizer, data.python_docs())},
+              out / "tokens.safetensors")
+    (out / "corpus.json").write_text(json.dumps({
+        "train": f"docstrings of {data.CORPUS_PACKAGES}", "val": "pydoc_data.topics",
+        "train_docs": len(train_texts), "environment": data.describe_environment()}, indent=1))
+
+
+def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_size: int,
+          split_seed: int = 0) -> torch.Tensor:
+    """Rows of BOS + (seq_len - 1) tokens at offsets drawn from (seed, step): resumable by construction."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + split_seed)
+    starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=g)
+    rows = torch.stack([stream[s:s + cfg.seq_len - 1] for s in starts.tolist()]).long()
+    n_syn = round(cfg.synthetic_frac * cfg.batch_size)
+    if n_syn:
+        rows[:n_syn] = data.bigram_backcopy(n_syn, cfg.seq_len - 1, vocab_size,
+                                            seed=cfg.seed * 1_000_003 + step)
+    return torch.cat([torch.full((cfg.batch_size, 1), bos_id), rows], dim=1)
+
+
+# ----------------------------------------------------------------------------- model and loop
+
+def make_model(cfg: TrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sinkutils import variants
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        max_position_embeddings=max(2048, cfg.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    return variants.build(config, cfg.variant)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, cfg: TrainConfig, bos_id: int, vocab_size: int) -> dict:
+    """Validation loss and mean attention to token 0 per layer (queries at positions >= 4)."""
+    from sinkutils import trace
+
+    model.eval()
+    losses, sink = [], []
+    for i in range(cfg.eval_batches):
+        ids = batch(val, dataclasses.replace(cfg, synthetic_frac=0.0), i, bos_id, vocab_size, split_seed=1)
+        with trace.record(model, "attn.sink") as rec:
+            out = model(input_ids=ids, labels=ids)
+        losses.append(out.loss.item())
+        sink.append(rec.sink_per_layer(min_query=4))
+    model.train()
+    return {"val_loss": sum(losses) / len(losses),
+            "sink_per_layer": torch.stack(sink).mean(0).tolist()}
+
+
+def _save(model, opt, cfg: TrainConfig, step: int, log: list, out: Path) -> None:
+    """Write to a temporary folder, then swap, so a crash mid-save never leaves a broken checkpoint."""
+    tmp = out / "checkpoint.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, tmp / "model.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg),
+                                                "optimizer": opt_meta, "log": log,
+                                                "rng": random.getstate()[1][:1]}, indent=1))
+    final = out / "checkpoint"
+    if final.exists():
+        final.rename(out / "checkpoint.old")
+    tmp.rename(final)
+    if (out / "checkpoint.old").exists():
+        import shutil
+
+        shutil.rmtree(out / "checkpoint.old")
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = float(v)
+    return tensors, meta
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = torch.tensor(v)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Train (or resume) and return the log. ``stop_after`` ends early at that step (tests simulate a kill)."""
+    from transformers import AutoTokenizer
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
+    streams = load_file(Path(cfg.data_dir) / "tokens.safetensors")
+    model = make_model(cfg, tokenizer)
+    opt = _optimizer(model, cfg)
+    step, log = 0, []
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").exists():
+        saved = json.loads((ckpt / "state.json").read_text())
+        mine = cfg.model_fields() | {"seed": cfg.seed, "data_dir": cfg.data_dir}
+        theirs = {k: saved["config"][k] for k in mine}
+        if mine != theirs:
+            raise ValueError(f"{out} holds a run with a different configuration: {theirs}; this run asks for "
+                             f"{mine}. Use another --out-dir or the same configuration.")
+        model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+        model.tie_weights()
+        _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), saved["optimizer"])
+        step, log = saved["step"], saved["log"]
+    bos, vocab = tokenizer.bos_token_id, len(tokenizer)
+    model.train()
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc=f"train {cfg.variant}")
+    t0 = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        ids = batch(streams["train"], cfg, step, bos, vocab)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            ev = evaluate(model, streams["val"], cfg, bos, vocab)
+            log.append({"step": done, "train_loss": loss.item(), "tokens": done * cfg.batch_size * cfg.seq_len,
+                        "seconds": round(time.time() - t0, 1)} | ev)
+            bar.write(f"step {done}: val {ev['val_loss']:.3f} sink {[round(s, 3) for s in ev['sink_per_layer']]}")
+        if done % cfg.ckpt_every == 0 or done == end:
+            _save(model, opt, cfg, done, log, out)
+    if end == cfg.steps:
+        export(model, tokenizer, cfg, log, out)
+    return {"log": log}
+
+
+def export(model, tokenizer, cfg: TrainConfig, log: list, out: Path) -> None:
+    """The shippable model: ``save_pretrained`` (safetensors) + tokenizer + config + training log."""
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    (out / "model" / "training.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(cfg), "log": log}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sinkutils.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="build the tokenizer and token streams")
+    pp.add_argument("--data-dir", required=True)
+    pp.add_argument("--vocab-size", type=int, default=4096)
+    pr = sub.add_parser("run", help="train, or resume from --out-dir/checkpoint")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            pr.add_argument(flag, required=True)
+        else:
+            pr.add_argument(flag, type=type(f.default), default=f.default)
+    args = vars(p.parse_args(argv))
+    cmd = args.pop("cmd")
+    if cmd == "prepare":
+        prepare(args["data_dir"], args["vocab_size"])
+    else:
+        train(TrainConfig(**args))
+
+
+if __name__ == "__main__":
+    main()

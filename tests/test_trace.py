@@ -1,0 +1,130 @@
+"""trace records exactly what eager attention computes, on Llama, Qwen2 (biases) and Mistral (GQA, window)."""
+import pytest
+import torch
+
+from sinkutils import trace
+
+
+def tiny(arch: str, **extra):
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=256)
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(num_key_value_heads=4)),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8))}
+    cfg_cls, model_cls, kw = cls[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**common, **kw, **extra)).eval()
+    if arch == "qwen2":  # random biases, so a wrong bias path would show
+        for block in model.model.layers:
+            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    return model
+
+
+def eager_reference(model, ids, mask=None):
+    from sinkutils import compat
+
+    prev = compat.set_attention(model, "eager")
+    try:
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    finally:
+        compat.set_attention(model, prev)
+    return out
+
+
+ARCHS = ["llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sink_entropy_pattern_match_eager(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    ref = eager_reference(model, ids)
+    with trace.record(model, "attn.sink", "attn.entropy", "attn.pattern", layers=[0, 1, 2]) as rec:
+        model(input_ids=ids)
+    maps = torch.stack(ref.attentions)  # (L, B, H, T, S)
+    torch.testing.assert_close(rec["attn.pattern"], maps, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rec["attn.sink"], maps[..., 0], atol=1e-5, rtol=1e-4)
+    ent = -(maps * maps.clamp_min(1e-45).log()).sum(-1)
+    torch.testing.assert_close(rec["attn.entropy"], ent, atol=1e-4, rtol=1e-4)
+    if arch == "mistral":  # the window really cut attention: late queries give token 0 nothing
+        assert rec["attn.sink"][..., 10:].abs().max() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outputs_bit_identical_to_sdpa(arch):
+    from sinkutils import compat
+
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    compat.set_attention(model, "sdpa")
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    with trace.record(model, "attn.sink", "attn.entropy", "resid") as rec:
+        traced = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(plain, traced)
+    assert model.config._attn_implementation == "sdpa"  # restored after the block
+    assert rec["attn.sink"].shape == (3, 2, 4, 24)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_respected(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ref = eager_reference(model, ids, mask)
+    with trace.record(model, "attn.sink", "attn.entropy", sink_index=4) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    maps = torch.stack(ref.attentions)
+    # padded row 1 starts at 4: its real first token is the sink there; queries before are fully masked
+    torch.testing.assert_close(rec["attn.sink"][:, 1, :, 4:], maps[:, 1, :, 4:, 4], atol=1e-5, rtol=1e-4)
+    ent = -(maps * maps.clamp_min(1e-45).log()).sum(-1)
+    torch.testing.assert_close(rec["attn.entropy"][:, 1, :, 4:], ent[:, 1, :, 4:], atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_quantities_match_references():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    ref = eager_reference(model, ids)
+    with trace.record(model, "resid", "attn.head_out", "mlp.act") as rec:
+        model(input_ids=ids)
+    resid = rec["resid"]
+    assert resid.shape == (4, 2, 12, 64)
+    for l in range(3):  # hidden_states[l] is the input of layer l; the last one is normed by HF
+        torch.testing.assert_close(resid[l], ref.hidden_states[l], atol=1e-5, rtol=1e-5)
+    block = model.model.layers[1]
+    x = block.post_attention_layernorm(resid[1] + block.self_attn(
+        block.input_layernorm(resid[1]), position_embeddings=model.model.rotary_emb(resid[1], torch.arange(12)[None]),
+        attention_mask=None)[0])
+    torch.testing.assert_close(rec["mlp.act"][1], torch.nn.functional.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x),
+                               atol=1e-5, rtol=1e-5)
+    head_out = rec["attn.head_out"][1]  # (B, T, H, D); o_proj of it is the attention block's output
+    assert head_out.shape == (2, 12, 4, 16)
+    attn_out = block.self_attn.o_proj(head_out.flatten(-2))
+    torch.testing.assert_close(resid[1] + attn_out + block.mlp(x), resid[2], atol=1e-5, rtol=1e-5)
+
+
+def test_memory_is_linear_in_length():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 200), generator=torch.Generator().manual_seed(5))
+    with trace.record(model, "attn.sink", "attn.entropy") as rec:
+        model(input_ids=ids)
+    assert rec["attn.sink"].numel() == 3 * 1 * 4 * 200  # layers x batch x heads x T, never T x T
+
+
+def test_bad_requests_name_the_valid_choices():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="0..2"):
+        with trace.record(model, "attn.sink", layers=[3]):
+            pass
+    with pytest.raises(ValueError, match="choose from"):
+        with trace.record(model, "attn.sinks"):
+            pass
+    with trace.record(model, "resid") as rec:
+        pass
+    with pytest.raises(KeyError, match="was not recorded"):
+        rec["attn.sink"]
