@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     synthetic_frac: float = 0.0   # share of each batch drawn from the Bigram-Backcopy task (data.py)
+    synthetic_vocab: int = 64     # the task uses token ids 4 .. 4 + synthetic_vocab
     eval_every: int = 250
     eval_batches: int = 4
     ckpt_every: int = 250
@@ -121,7 +122,7 @@ def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_
     rows = torch.stack([stream[s:s + cfg.seq_len - 1] for s in starts.tolist()]).long()
     n_syn = round(cfg.synthetic_frac * cfg.batch_size)
     if n_syn:
-        rows[:n_syn] = data.bigram_backcopy(n_syn, cfg.seq_len - 1, vocab_size,
+        rows[:n_syn] = data.bigram_backcopy(n_syn, cfg.seq_len - 1, min(vocab_size, 4 + cfg.synthetic_vocab),
                                             seed=cfg.seed * 1_000_003 + step)
     return torch.cat([torch.full((cfg.batch_size, 1), bos_id), rows], dim=1)
 

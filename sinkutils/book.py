@@ -1,0 +1,105 @@
+"""Execute the chapters with papermill under a profile, then build the site with execution off.
+
+    python -m sinkutils.book --profile cpu            # execute every chapter, build _build/html
+    python -m sinkutils.book --profile cpu --only 01_sink --no-html
+
+Sources are staged into ``_build/stage`` so the committed notebooks stay output-free (Colab opens them
+clean); executed copies keep their outputs and widget state and are what Jupyter Book renders.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGED = ("_config.yml", "_toc.yml", "book")
+
+
+class ChapterFailed(RuntimeError):
+    """A chapter's cell raised: the message names the chapter and the cell."""
+
+
+def chapters(root: Path = ROOT) -> list[str]:
+    return sorted(p.stem for p in (root / "chapters").glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
+    """The papermill parameters of ``chapter`` under ``profile`` (defaults, then the chapter's overrides)."""
+    path = root / "profiles" / f"{profile}.yml"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / "profiles").glob("*.yml"))
+        raise ValueError(f"unknown profile {profile!r}; choose one of {known}")
+    spec = yaml.safe_load(path.read_text())
+    return dict(spec.get("defaults", {})) | dict((spec.get("chapters") or {}).get(chapter) or {})
+
+
+def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800) -> float:
+    """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed."""
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out_dir / f"{chapter}.ipynb"),
+                                   parameters=parameters(profile, chapter, root), kernel_name="python3",
+                                   cwd=str(root), progress_bar=False, execution_timeout=timeout,
+                                   request_save_on_cell_execute=False)
+    except papermill.PapermillExecutionError as err:
+        raise ChapterFailed(f"chapter {chapter} failed in cell {err.exec_count}: {err.ename}: {err.evalue}") from err
+    return time.time() - start
+
+
+def stage(root: Path = ROOT) -> Path:
+    """Copy the non-executable sources into ``_build/stage``; chapters are written there by ``execute``."""
+    stage_dir = root / "_build" / "stage"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    for name in STAGED:
+        src, dst = root / name, stage_dir / name
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    return stage_dir
+
+
+def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
+    """Jupyter Book v1 over the staged sources; warnings are errors so a broken page fails the build."""
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(stage_dir), "--path-output", str(root), "-W",
+           "--keep-going", "--all"]
+    subprocess.run(cmd, check=True)
+    return root / "_build" / "html"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sinkutils.book", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--only", nargs="*", help="chapter names, e.g. 01_sink (default: all)")
+    p.add_argument("--no-html", action="store_true", help="execute only")
+    args = p.parse_args(argv)
+    names = args.only or chapters()
+    unknown = sorted(set(names) - set(chapters()))
+    if unknown:
+        raise SystemExit(f"unknown chapters {unknown}; choose from {chapters()}")
+    stage_dir = stage()
+    timings = {}
+    for name in tqdm(names, desc=f"chapters ({args.profile})"):
+        try:
+            timings[name] = execute(name, args.profile, stage_dir / "chapters")
+        except ChapterFailed as err:
+            raise SystemExit(str(err)) from None
+        tqdm.write(f"{name}: {timings[name]:.1f} s")
+    if not args.no_html:
+        print(f"site: {build_html(stage_dir)}")
+    print("\n".join(f"{k:24s} {v:7.1f} s" for k, v in timings.items()))
+
+
+if __name__ == "__main__":
+    main()
