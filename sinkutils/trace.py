@@ -144,6 +144,19 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 compat.register_attention(ATTN_NAME, attention)
 
 
+@contextlib.contextmanager
+def mask_edit(edit) -> Iterator[None]:
+    """Inside the block, every attention mask passes through ``edit(mask, q_len, kv_len, device) -> mask``
+    before attention and statistics use it (chapter 3's interventions). ``mask`` arrives in any of the
+    three forms (None means plain causal); ``as_additive`` converts. Requires the sinkbook attention
+    (``models.load`` sets it; ``record`` sets it for its block)."""
+    _mask_edits.append(edit)
+    try:
+        yield
+    finally:
+        _mask_edits.remove(edit)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's decoder layers (Llama-like models keep them at ``model.model.layers``)."""
     return model.model.layers

@@ -1,0 +1,83 @@
+"""Pickers for layer / head / strength that work live in Jupyter or Colab *and* on the static site.
+
+A static page has no kernel, so callbacks cannot run there. ``switcher`` therefore renders every choice once
+(a bounded grid), puts the outputs in nested ``ipywidgets.Stack`` s and links each slider's index to the
+stacks' ``selected_index`` with ``jslink``: the browser switches between pre-rendered results with no kernel,
+and in Jupyter the same widget behaves identically.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+#: at most this many pre-rendered outputs per widget (keeps a page well under 5 MB)
+MAX_RENDERS = 64
+
+
+def bounded(values: list, limit: int) -> list:
+    """At most ``limit`` values spread evenly over ``values`` (first and last kept)."""
+    values = list(values)
+    if len(values) <= limit:
+        return values
+    step = (len(values) - 1) / (limit - 1)
+    return [values[round(i * step)] for i in range(limit)]
+
+
+def _render_into(out: W.Output, render: Callable, choice: dict) -> None:
+    with out:
+        result = render(**choice)
+        if isinstance(result, plt.Figure):
+            display(result)
+            plt.close(result)
+        elif result is not None:
+            display(result)
+
+
+def switcher(render: Callable, **axes: list) -> W.VBox:
+    """One slider per axis (``layer=[0, 1, 2]``, ``lam=[1, 2, 4]``); ``render(**choice)`` returns a figure or
+    anything displayable. All combinations are rendered up front (at most ``MAX_RENDERS``)."""
+    if not axes:
+        raise ValueError("give at least one axis, e.g. layer=[0, 1, 2]")
+    for name, values in axes.items():
+        if not values:
+            raise ValueError(f"axis {name!r} has no values")
+    total = math.prod(len(v) for v in axes.values())
+    if total > MAX_RENDERS:
+        raise ValueError(f"{total} combinations exceed MAX_RENDERS={MAX_RENDERS}; thin an axis with bounded()")
+    names = list(axes)
+    sliders = {n: W.SelectionSlider(options=[(str(v), v) for v in axes[n]], description=n,
+                                    continuous_update=False) for n in names}
+    was_interactive = plt.isinteractive()
+    plt.ioff()
+    try:
+        root = _nest(render, names, axes, sliders, {})
+    finally:
+        if was_interactive:
+            plt.ion()
+    return W.VBox([W.HBox(list(sliders.values())), root])
+
+
+def _nest(render, names, axes, sliders, fixed: dict) -> W.Widget:
+    name, rest = names[0], names[1:]
+    children = []
+    for value in axes[name]:
+        choice = fixed | {name: value}
+        if rest:
+            children.append(_nest(render, rest, axes, sliders, choice))
+        else:
+            out = W.Output()
+            _render_into(out, render, choice)
+            children.append(out)
+    stack = W.Stack(children, selected_index=0)
+    W.jslink((sliders[name], "index"), (stack, "selected_index"))
+    return stack
+
+
+def combinations(**axes: list) -> list[dict]:
+    """Every choice a ``switcher`` over ``axes`` renders (for tests and for precomputing data)."""
+    return [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
