@@ -52,7 +52,9 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
                                    cwd=str(root), progress_bar=False, execution_timeout=timeout,
                                    request_save_on_cell_execute=False)
     except papermill.PapermillExecutionError as err:
-        raise ChapterFailed(f"chapter {chapter} failed in cell {err.exec_count}: {err.ename}: {err.evalue}") from err
+        first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
+        raise ChapterFailed(f"chapter {chapter} failed in the cell starting {first_line!r}: "
+                            f"{err.ename}: {err.evalue}") from err
     return time.time() - start
 
 

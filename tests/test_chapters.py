@@ -1,0 +1,54 @@
+"""Every chapter executes under the cpu profile, as the book build runs it (papermill, parameters from
+profiles/cpu.yml), keeps its figures, and a failing cell fails with the chapter and cell named."""
+import json
+
+import nbformat
+import pytest
+
+from sinkutils import book, models
+
+needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "config.json").exists(),
+                                 reason="embedded model sinkbook-tiny not trained yet")
+
+
+@needs_model
+@pytest.mark.parametrize("chapter", book.chapters())
+def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
+    seconds = book.execute(chapter, "cpu", tmp_path, timeout=300)
+    nb = nbformat.read(tmp_path / f"{chapter}.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    captions = [c for c in nb.cells if c.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")]
+    assert images, f"{chapter} produced no figure"
+    assert len(captions) >= 1
+    assert seconds < 120, f"{chapter} took {seconds:.0f} s under the cpu profile"
+
+
+def test_every_chapter_has_parameters_and_setup_cells():
+    for chapter in book.chapters():
+        nb = nbformat.read(book.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert "find_spec(\"sinkutils\")" in code[0].source, f"{chapter}: first code cell must be the Colab set-up"
+        assert "parameters" in code[1].metadata.get("tags", []), f"{chapter}: second code cell must be parameters"
+        assert not any(c.get("outputs") for c in code), f"{chapter} is committed with outputs"
+        assert book.parameters("cpu", chapter)["model_name"] == "sinkbook-tiny"
+
+
+def test_failing_cell_names_chapter_and_cell(tmp_path, monkeypatch):
+    bad = nbformat.v4.new_notebook()
+    bad.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    bad.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                 nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    root = tmp_path / "root"
+    (root / "chapters").mkdir(parents=True)
+    (root / "profiles").mkdir()
+    nbformat.write(bad, root / "chapters" / "99_bad.ipynb")
+    (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"x": 2}}))
+    with pytest.raises(book.ChapterFailed, match=r"99_bad failed in the cell starting \"raise ValueError\('broken on purpose'\)\": ValueError"):
+        book.execute("99_bad", "cpu", tmp_path / "out", root=root)
+
+
+def test_unknown_profile_lists_choices():
+    with pytest.raises(ValueError, match="cpu"):
+        book.parameters("tpu", "01_sink")
