@@ -8,7 +8,8 @@ Quantities (raw Hugging Face numbers, no weight folding):
 
 - ``attn.sink``     attention weight from each query to key ``sink_index`` (default 0), per layer and head
 - ``attn.entropy``  entropy (nats) of each query's attention distribution, per layer and head
-- ``attn.pattern``  full attention maps (batch, heads, T, S) of the layers asked for (chapter-1 heatmaps)
+- ``attn.pattern``  full attention maps (batch, heads, T, S): quadratic in T, so ask for few layers or short
+                    inputs (chapter-1 heatmaps)
 - ``attn.head_out`` per-head attention outputs after aggregation, before W_O: (batch, T, heads, head_dim)
 - ``resid``         residual stream: index 0 is the embedding output, index l+1 the output of layer l
 - ``mlp.act``       FFN hidden activations act(gate) * up, the input of ``down_proj``
@@ -174,8 +175,6 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     bad = [l for l in layers if not 0 <= l < n]
     if bad:
         raise ValueError(f"layers {bad} out of range: this model has layers 0..{n - 1}")
-    if "attn.pattern" in quantities and len(layers) == n and n > 4:
-        raise ValueError("attn.pattern stores (T x T) maps: ask for a few layers with layers=[...]")
     rec = Recorder(tuple(quantities), layers, sink_index)
     hooks = []
     if "resid" in quantities:

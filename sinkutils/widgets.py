@@ -38,9 +38,10 @@ def _render_into(out: W.Output, render: Callable, choice: dict) -> None:
             display(result)
 
 
-def switcher(render: Callable, **axes: list) -> W.VBox:
+def switcher(render: Callable, initial: dict | None = None, **axes: list) -> W.VBox:
     """One slider per axis (``layer=[0, 1, 2]``, ``lam=[1, 2, 4]``); ``render(**choice)`` returns a figure or
-    anything displayable. All combinations are rendered up front (at most ``MAX_RENDERS``)."""
+    anything displayable. All combinations are rendered up front (at most ``MAX_RENDERS``); ``initial`` picks
+    the choice shown first."""
     if not axes:
         raise ValueError("give at least one axis, e.g. layer=[0, 1, 2]")
     for name, values in axes.items():
@@ -49,9 +50,13 @@ def switcher(render: Callable, **axes: list) -> W.VBox:
     total = math.prod(len(v) for v in axes.values())
     if total > MAX_RENDERS:
         raise ValueError(f"{total} combinations exceed MAX_RENDERS={MAX_RENDERS}; thin an axis with bounded()")
+    initial = initial or {}
+    for name, value in initial.items():
+        if name not in axes or value not in axes[name]:
+            raise ValueError(f"initial {name}={value!r} is not among the choices {axes.get(name)}")
     names = list(axes)
     sliders = {n: W.SelectionSlider(options=[(str(v), v) for v in axes[n]], description=n,
-                                    continuous_update=False) for n in names}
+                                    value=initial.get(n, axes[n][0]), continuous_update=False) for n in names}
     was_interactive = plt.isinteractive()
     plt.ioff()
     try:
@@ -73,7 +78,7 @@ def _nest(render, names, axes, sliders, fixed: dict) -> W.Widget:
             out = W.Output()
             _render_into(out, render, choice)
             children.append(out)
-    stack = W.Stack(children, selected_index=0)
+    stack = W.Stack(children, selected_index=sliders[name].index)
     W.jslink((sliders[name], "index"), (stack, "selected_index"))
     return stack
 

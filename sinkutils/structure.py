@@ -1,0 +1,484 @@
+"""The structural links of the chain (chapters 4 and 5), measured on a model: one function per figure.
+
+Chapter 4, super neurons: ``wo_alignment`` (Fig 7), ``ffn_norms`` (Fig 8), ``neuron_activity`` (Fig 9),
+``down_column`` (Fig 10). Chapter 5, dimension disparity: ``residual_profile`` (Fig 11, 21: dominance ratio,
+massive channels, effective rank), ``direction_lock`` (RMSNorm as a directional filter), ``qk_locking``
+(Fig 12). ``REFERENCE`` holds the values published for Llama-2-7B and Llama-3-8B that the GPU profile checks.
+
+Every formula comes from ``sinkutils.metrics``; every activation from ``sinkutils.trace`` (raw Hugging Face
+numbers). Quantities the trace does not record are recomputed from what it does, with the model's own modules:
+the FFN input is ``post_attention_layernorm(h + o_proj(head_out))``, queries and keys are ``q_proj``/``k_proj``
+of ``input_layernorm(h)`` with the model's RoPE.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sinkutils import metrics, models, trace
+
+#: Values published for the paper's models. Layers are 0-based module indices (``model.layers[1]``).
+REFERENCE = {
+    "llama-2-7b": {
+        "layer": 1, "massive_dims": (1415, 2533), "super_neuron": 7890, "super_weight": (2533, 7890),
+        "source": "massive dimensions 1415 and 2533 from the output of layers[1] (Sun et al. 2024); super "
+                  "weight layers[1].mlp.down_proj.weight[2533, 7890] (Yu et al. 2024, arXiv 2411.07265)"},
+    "llama-3-8b": {
+        "layer": 1, "massive_dims": (788, 1384, 4062),
+        "source": "massive dimensions 788, 1384 and 4062 from the output of layers[1], as reported by public "
+                  "massive-activation analyses of Meta-Llama-3-8B (not by the paper itself)"},
+}
+
+
+def reference_for(model_name: str) -> dict | None:
+    """The ``REFERENCE`` entry of a short name or hub id (``meta-llama/Llama-2-7b-hf``), else None."""
+    for short, hub_id in models.HUB.items():
+        if model_name in (short, hub_id) and short in REFERENCE:
+            return REFERENCE[short]
+    return None
+
+
+def _chunks(ids: torch.Tensor, batch_size: int):
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
+    return ids.split(batch_size)
+
+
+def _layers_arg(model, layers) -> list[int]:
+    layers = list(range(models.n_layers(model))) if layers is None else [int(l) for l in layers]
+    if not layers:
+        raise ValueError("give at least one layer")
+    for l in layers:
+        models.check_layer(model, l)
+    return sorted(set(layers))
+
+
+@contextlib.contextmanager
+def _record_with_inputs(model, layers: list[int], *quantities: str) -> Iterator[tuple]:
+    """Record ``quantities`` at ``layers`` and the residual stream entering each of them.
+
+    Yields ``(inputs, rec)``; after the block ``inputs()`` returns ``{layer: (B, T, d) input of layer}``."""
+    prev = sorted({l - 1 for l in layers if l > 0})
+    with contextlib.ExitStack() as stack:
+        rin = stack.enter_context(trace.record(model, "resid", layers=prev))
+        rec = stack.enter_context(trace.record(model, *quantities, layers=layers)) if quantities else None
+
+        def inputs() -> dict[int, torch.Tensor]:
+            resid = rin["resid"]  # index 0: embedding output; then the outputs of the layers in ``prev``
+            keys = [0] + [l + 1 for l in prev]
+            return {l: resid[keys.index(l)] for l in layers}
+
+        yield inputs, rec
+
+
+def _ffn_input(block, h_in: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+    """What the block's MLP reads: post_attention_layernorm of the residual after attention."""
+    return block.post_attention_layernorm(h_in + block.self_attn.o_proj(head_out.flatten(-2)))
+
+
+# ----------------------------------------------------------------------------------------- chapter 4
+
+
+@dataclasses.dataclass
+class WOAlignment:
+    """Fig 7 for one layer: W_O against token 0's input profile, and the variance before and after W_O."""
+
+    layer: int
+    tau: torch.Tensor            # (hidden,) Kendall tau of |W_O[i, :]| with token 0's profile, per output neuron i
+    tau_later: torch.Tensor      # (hidden,) the same with the later tokens' profile (control)
+    first_profile: torch.Tensor  # (H*D,) token 0's per-dimension contribution to its dimension-wise variance
+    later_profile: torch.Tensor  # (H*D,) the same for tokens at positions >= min_query
+    variance_in: torch.Tensor    # (T,) dimension-wise variance of the o_proj input per position
+    variance_out: torch.Tensor   # (T,) dimension-wise variance of the o_proj output per position
+    min_query: int
+
+    def ratio(self, which: str = "in") -> float:
+        """Token 0's dimension-wise variance over the mean of positions >= min_query, before/after W_O."""
+        v = self.variance_in if which == "in" else self.variance_out
+        return float(v[0] / v[self.min_query:].mean())
+
+
+@torch.no_grad()
+def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_query: int = 4,
+                 batch_size: int = 8) -> dict[int, WOAlignment]:
+    """Fig 7: for each output neuron i of ``o_proj``, Kendall's tau between its weight magnitudes |W_O[i, j]|
+    over the H*D input dimensions j and token 0's profile c_j = mean over sequences of (x_0j - mean_j x_0)^2
+    at the o_proj input (the per-head attention outputs): the contribution of dimension j to token 0's
+    dimension-wise variance. Kendall's tau is rank-based, so |W| and W^2 give the same tau. The control uses
+    the same profile of the later tokens. Also the dimension-wise variance per position before and after W_O."""
+    layers = _layers_arg(model, layers)
+    T = ids.shape[1]
+    if T <= min_query:
+        raise ValueError(f"min_query={min_query} leaves no later tokens in sequences of {T}")
+    acc = {l: dict(first=0.0, later=0.0, vin=0.0, vout=0.0) for l in layers}
+    n = 0
+    blocks = trace.decoder_layers(model)
+    for chunk in _chunks(ids, batch_size):
+        with trace.record(model, "attn.head_out", layers=layers) as rec:
+            model(input_ids=chunk.to(model.device))
+        heads = rec["attn.head_out"]
+        for i, l in enumerate(layers):
+            x = heads[i].flatten(-2)                                     # (B, T, H*D) o_proj input
+            out = blocks[l].self_attn.o_proj(x).float()
+            x = x.float()
+            dev = (x - x.mean(-1, keepdim=True)).pow(2)
+            a = acc[l]
+            a["first"] = a["first"] + dev[:, 0].sum(0)
+            a["later"] = a["later"] + dev[:, min_query:].mean(1).sum(0)
+            a["vin"] = a["vin"] + metrics.dimension_variance(x).sum(0)
+            a["vout"] = a["vout"] + metrics.dimension_variance(out).sum(0)
+        n += chunk.shape[0]
+    result = {}
+    for l in layers:
+        w = blocks[l].self_attn.o_proj.weight.detach().float().abs()  # Kendall on the model's device (GPU: fast)
+        first, later = acc[l]["first"] / n, acc[l]["later"] / n
+        result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first).cpu(),
+                                tau_later=metrics.kendall_tau(w, later).cpu(), first_profile=first.cpu(),
+                                later_profile=later.cpu(), variance_in=(acc[l]["vin"] / n).cpu(),
+                                variance_out=(acc[l]["vout"] / n).cpu(), min_query=min_query)
+    return result
+
+
+@dataclasses.dataclass
+class FFNNorms:
+    """Fig 8 for one layer: L2 norms of each hidden neuron's W_gate and W_up rows, and the super neurons."""
+
+    layer: int
+    gate: torch.Tensor   # (F,) ||W_gate[n, :]||
+    up: torch.Tensor     # (F,) ||W_up[n, :]||
+    score: torch.Tensor  # (F,) ||W_gate[n, :]|| * ||W_up[n, :]||
+    z: torch.Tensor      # (F,) robust z-score of ``score``
+    z_threshold: float
+
+    @property
+    def super_neurons(self) -> list[int]:
+        """Neurons whose robust z-score exceeds the threshold, largest score first (the rule of Fig 8)."""
+        idx = (self.z > self.z_threshold).nonzero().flatten()
+        return [int(i) for i in idx[self.score[idx].argsort(descending=True)]]
+
+    def candidates(self, k: int) -> list[int]:
+        """The ``k`` largest scores, super or not (what the widgets let a reader inspect)."""
+        return [int(i) for i in self.score.topk(min(k, len(self.score))).indices]
+
+
+def ffn_norms(model, layer: int, z_threshold: float = 8.0) -> FFNNorms:
+    """Fig 8: per FFN hidden neuron n, ||W_gate[n, :]|| and ||W_up[n, :]||. Rule: n is a *super neuron* when
+    s_n = ||W_gate[n]|| * ||W_up[n]|| (the gain of SwiGLU for an input aligned with both rows) has a robust
+    z-score (median / MAD) above ``z_threshold``: a handful of outliers, never a fixed count."""
+    mlp = trace.decoder_layers(model)[models.check_layer(model, layer)].mlp
+    gate = mlp.gate_proj.weight.detach().float().norm(dim=1).cpu()
+    up = mlp.up_proj.weight.detach().float().norm(dim=1).cpu()
+    score = gate * up
+    return FFNNorms(layer=layer, gate=gate, up=up, score=score, z=metrics.robust_z(score), z_threshold=z_threshold)
+
+
+@dataclasses.dataclass
+class NeuronActivity:
+    """Fig 9 for one layer: how the chosen FFN neurons respond to each token."""
+
+    layer: int
+    neurons: list[int]
+    cos_gate: torch.Tensor   # (N, T, k) cosine of each token's FFN input with the neuron's W_gate row
+    up: torch.Tensor         # (N, T, k) raw up activation W_up[n] . x_t
+    act: torch.Tensor        # (N, T, k) act(gate) * up: what down_proj receives
+    first_abs: torch.Tensor  # (F,) mean |act| of token 0, every neuron
+    later_abs: torch.Tensor  # (F,) mean |act| over tokens t >= 1, every neuron
+
+    @property
+    def top_neuron(self) -> int:
+        """The neuron with the largest mean |activation| on token 0 (the functional definition)."""
+        return int(self.first_abs.argmax())
+
+    def selectivity(self) -> torch.Tensor:
+        """(k,) mean |act| on token 0 over mean |act| on later tokens, per chosen neuron."""
+        idx = torch.tensor(self.neurons)
+        return self.first_abs[idx] / self.later_abs[idx].clamp_min(1e-12)
+
+    def summary(self, i: int = 0) -> dict[str, float]:
+        """Token 0 against the rest for the i-th chosen neuron: cosine, up activation, |act|."""
+        c, u, a = self.cos_gate[..., i], self.up[..., i], self.act[..., i].abs()
+        return {"cos_first": float(c[:, 0].mean()), "cos_later": float(c[:, 1:].mean()),
+                "up_first": float(u[:, 0].mean()), "up_later_abs": float(u[:, 1:].abs().mean()),
+                "act_first": float(a[:, 0].mean()), "act_later": float(a[:, 1:].mean())}
+
+
+@torch.no_grad()
+def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
+                    batch_size: int = 8) -> dict[int, NeuronActivity]:
+    """Fig 9: for each ``{layer: [neurons]}``, per token t the cosine between the FFN input x_t and the
+    neuron's W_gate row, its raw up activation W_up[n] . x_t, and act(gate) * up from the trace; plus every
+    neuron's mean |activation| on token 0 and on later tokens (one forward pass for all layers)."""
+    layers = _layers_arg(model, list(neurons))
+    blocks = trace.decoder_layers(model)
+    width = blocks[layers[0]].mlp.gate_proj.weight.shape[0]
+    for l in layers:
+        bad = [n for n in neurons[l] if not 0 <= n < width]
+        if bad or not neurons[l]:
+            raise ValueError(f"layer {l}: neurons {bad or neurons[l]} invalid; this FFN has neurons 0..{width - 1}")
+    parts = {l: dict(cos=[], up=[], act=[], first=0.0, later=0.0) for l in layers}
+    n = 0
+    for chunk in _chunks(ids, batch_size):
+        with _record_with_inputs(model, layers, "attn.head_out", "mlp.act") as (inputs, rec):
+            model(input_ids=chunk.to(model.device))
+        h_in, heads, acts = inputs(), rec["attn.head_out"], rec["mlp.act"]
+        for i, l in enumerate(layers):
+            mlp, idx = blocks[l].mlp, neurons[l]
+            x = _ffn_input(blocks[l], h_in[l], heads[i]).float()
+            bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[idx].float()
+            p, act = parts[l], acts[i].float()
+            p["cos"].append(metrics.cosine(x[..., None, :], mlp.gate_proj.weight[idx].float()).cpu())
+            p["up"].append(F.linear(x, mlp.up_proj.weight[idx].float(), bias).cpu())
+            p["act"].append(act[..., idx].cpu())
+            p["first"] = p["first"] + act[:, 0].abs().sum(0)
+            p["later"] = p["later"] + act[:, 1:].abs().mean(1).sum(0)
+        n += chunk.shape[0]
+    return {l: NeuronActivity(layer=l, neurons=list(neurons[l]), cos_gate=torch.cat(p["cos"]),
+                              up=torch.cat(p["up"]), act=torch.cat(p["act"]), first_abs=(p["first"] / n).cpu(),
+                              later_abs=(p["later"] / n).cpu()) for l, p in parts.items()}
+
+
+@dataclasses.dataclass
+class DownColumn:
+    """Fig 10: the W_down column of one FFN neuron, i.e. what it writes into each residual channel."""
+
+    layer: int
+    neuron: int
+    weights: torch.Tensor  # (hidden,) W_down[:, neuron]
+    kurtosis: float        # excess kurtosis: 0 for Gaussian weights
+    top_channels: list[int]
+    top_share: float       # share of the column's squared norm in ``top_channels``
+
+
+def down_column(model, layer: int, neuron: int, k: int = 2) -> DownColumn:
+    """Fig 10: W_down[:, neuron], its excess kurtosis, its ``k`` largest-magnitude residual channels and their
+    share of the squared norm (k / hidden for a flat column). For Llama-2-7B, layer 1, neuron 7890 the top
+    channel is 2533: the super weight W_down[2533, 7890]."""
+    down = trace.decoder_layers(model)[models.check_layer(model, layer)].mlp.down_proj.weight
+    if not 0 <= neuron < down.shape[1]:
+        raise ValueError(f"neuron {neuron} is out of range: this FFN has neurons 0..{down.shape[1] - 1}")
+    w = down[:, neuron].detach().float().cpu()
+    top = [int(c) for c in w.abs().topk(k).indices]
+    return DownColumn(layer=layer, neuron=neuron, weights=w, kurtosis=float(metrics.excess_kurtosis(w)),
+                      top_channels=top, top_share=float(metrics.top_share(w, k)))
+
+
+def compare_with_reference(model_name: str, model, ids: torch.Tensor,
+                           batch_size: int = 8) -> list[tuple[str, object, object]] | None:
+    """(quantity, published, measured) rows for a model listed in ``REFERENCE``, else None (the GPU profile's
+    check of chapter 4): token 0's massive channels after the reference layer and, where published, the
+    FFN neuron most active on token 0 and the channel of its largest W_down weight (the super weight)."""
+    ref = reference_for(model_name)
+    if ref is None:
+        return None
+    l, k = ref["layer"], len(ref["massive_dims"])
+    rows = [(f"token 0's top {k} residual channels after layers[{l}]", sorted(ref["massive_dims"]),
+             sorted(massive_dimensions(model, ids, l, k, batch_size)))]
+    if "super_neuron" in ref:
+        act = neuron_activity(model, ids, {l: [ref["super_neuron"]]}, batch_size)[l]
+        rows.append((f"FFN neuron of layers[{l}] most active on token 0", ref["super_neuron"], act.top_neuron))
+        rows.append((f"channel of the largest weight in layers[{l}].mlp.down_proj[:, {ref['super_neuron']}]",
+                     ref["super_weight"][0], down_column(model, l, ref["super_neuron"]).top_channels[0]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- chapter 5
+
+
+@dataclasses.dataclass
+class ResidualProfile:
+    """The residual stream per depth: index 0 is the embedding output, index l+1 the output of layer l."""
+
+    first_sq: torch.Tensor         # (L+1, d) token 0's mean squared value per channel
+    later_sq: torch.Tensor         # (L+1, d) the same over tokens t >= 1
+    first_dominance: torch.Tensor  # (L+1,) token 0's dominance ratio max|x| / mean|x|
+    later_dominance: torch.Tensor  # (L+1,) mean dominance ratio of tokens t >= 1
+    first_norm: torch.Tensor       # (L+1,) token 0's L2 norm
+    later_norm: torch.Tensor       # (L+1,) mean L2 norm of tokens t >= 1
+    effective_rank: torch.Tensor | None       # (L+1,) mean over sequences, all tokens (Fig 21)
+    effective_rank_later: torch.Tensor | None  # (L+1,) the same without token 0
+
+    @property
+    def disparity_layer(self) -> int:
+        """The layer whose output raises token 0's dominance ratio the most (Llama-2-7B: layers[1])."""
+        d = self.first_dominance
+        return int((d[1:] / d[:-1].clamp_min(1e-12)).argmax())
+
+    def top_channels(self, index: int, k: int = 2) -> list[int]:
+        """Token 0's ``k`` largest channels (root mean square) at residual ``index`` (l+1 = output of layer l)."""
+        return [int(c) for c in self.first_sq[index].topk(k).indices]
+
+    def share(self, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L+1,) share of token 0's and of later tokens' squared norm that lies in ``channels``."""
+        idx = torch.tensor(channels)
+        return (self.first_sq[:, idx].sum(-1) / self.first_sq.sum(-1),
+                self.later_sq[:, idx].sum(-1) / self.later_sq.sum(-1))
+
+
+@torch.no_grad()
+def residual_profile(model, ids: torch.Tensor, with_rank: bool = True, batch_size: int = 8) -> ResidualProfile:
+    """Fig 11 and 21: per depth, token 0's dominance ratio against later tokens', per-channel energy (which
+    channels carry token 0's massive activations), norms and, with ``with_rank``, the effective rank
+    (Roy & Vetterli) of each sequence's (T x d) hidden-state matrix, with and without token 0."""
+    acc = dict(first_sq=0.0, later_sq=0.0, first_dom=0.0, later_dom=0.0, first_norm=0.0, later_norm=0.0,
+               rank=0.0, rank_later=0.0)
+    n = 0
+    for chunk in _chunks(ids, batch_size):
+        with trace.record(model, "resid") as rec:
+            model(input_ids=chunk.to(model.device))
+        h = rec["resid"].float()  # (L+1, B, T, d)
+        dom, norm = metrics.dominance_ratio(h), h.norm(dim=-1)
+        parts = dict(first_sq=h[:, :, 0].pow(2).sum(1), later_sq=h[:, :, 1:].pow(2).mean(2).sum(1),
+                     first_dom=dom[:, :, 0].sum(1), later_dom=dom[:, :, 1:].mean(2).sum(1),
+                     first_norm=norm[:, :, 0].sum(1), later_norm=norm[:, :, 1:].mean(2).sum(1))
+        if with_rank:
+            parts["rank"] = metrics.effective_rank(h).sum(1)
+            parts["rank_later"] = metrics.effective_rank(h[:, :, 1:]).sum(1)
+        for key, value in parts.items():
+            acc[key] = acc[key] + value
+        n += chunk.shape[0]
+    mean = {k: (v / n).cpu() if torch.is_tensor(v) else None for k, v in acc.items()}
+    return ResidualProfile(first_sq=mean["first_sq"], later_sq=mean["later_sq"], first_dominance=mean["first_dom"],
+                           later_dominance=mean["later_dom"], first_norm=mean["first_norm"],
+                           later_norm=mean["later_norm"], effective_rank=mean["rank"],
+                           effective_rank_later=mean["rank_later"])
+
+
+def massive_dimensions(model, ids: torch.Tensor, layer: int, k: int = 2, batch_size: int = 8) -> list[int]:
+    """Token 0's ``k`` largest residual channels at the output of ``layer``, largest first (the GPU check:
+    Llama-2-7B, layer 1 -> {1415, 2533})."""
+    models.check_layer(model, layer)
+    return residual_profile(model, ids, with_rank=False, batch_size=batch_size).top_channels(layer + 1, k)
+
+
+def distinct_first_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """The rows of ``ids`` whose first token has not appeared as a first token in an earlier row."""
+    seen, keep = set(), []
+    for i, t in enumerate(ids[:, 0].tolist()):
+        if t not in seen:
+            seen.add(t)
+            keep.append(i)
+    return ids[keep]
+
+
+@dataclasses.dataclass
+class DirectionLock:
+    """RMSNorm as a directional filter: how input-independent each layer's normalised input is."""
+
+    position: int
+    first_cos: torch.Tensor      # (L,) mean pairwise cosine across sequences of token 0's normalised input
+    other_cos: torch.Tensor      # (L,) the same for the token at ``position``
+    first_key_cos: torch.Tensor  # (L,) mean over key heads of the pairwise cosine of token 0's key
+    other_key_cos: torch.Tensor  # (L,) the same for the token at ``position``
+    n_sequences: int
+
+
+@torch.no_grad()
+def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_size: int = 8) -> DirectionLock:
+    """Per layer, ``input_layernorm`` of token 0's input and of the token at ``position`` (default: the
+    middle), collected over sequences whose first tokens differ, and the mean pairwise cosine between them
+    (1: the same direction whatever the input), for the normalised state and for its key (pre-RoPE; at
+    position 0 RoPE is the identity). Give sequences *without* BOS: with BOS token 0 is the same token in the
+    same (empty) context everywhere and the cosine is 1 trivially."""
+    T = ids.shape[1]
+    position = T // 2 if position is None else position
+    if not 0 < position < T:
+        raise ValueError(f"position must lie in 1..{T - 1}, got {position}")
+    if ids.shape[0] < 2:
+        raise ValueError("need at least two sequences to compare directions")
+    blocks = trace.decoder_layers(model)
+    states = {0: [], position: []}
+    for chunk in _chunks(ids, batch_size):
+        with trace.record(model, "resid") as rec:
+            model(input_ids=chunk.to(model.device))
+        h = rec["resid"][:-1]  # inputs of layers 0..L-1
+        for p in states:
+            states[p].append(torch.stack([blocks[l].input_layernorm(h[l, :, p]) for l in range(len(blocks))]))
+    out = {}
+    for p, parts in states.items():
+        x = torch.cat(parts, dim=1)  # (L, N, d) normalised inputs
+        keys = torch.stack([blocks[l].self_attn.k_proj(x[l]) for l in range(len(blocks))])  # (L, N, Hkv*D)
+        keys = keys.unflatten(-1, (-1, blocks[0].self_attn.head_dim)).transpose(1, 2)  # (L, Hkv, N, D)
+        out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
+    return DirectionLock(position=position, first_cos=out[0][0], other_cos=out[position][0],
+                         first_key_cos=out[0][1], other_key_cos=out[position][1], n_sequences=ids.shape[0])
+
+
+def _apply_rope(model, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    positions = torch.arange(q.shape[2], device=q.device)[None]
+    cos, sin = model.model.rotary_emb(x, positions)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def query_principal_directions(model, layer: int) -> torch.Tensor:
+    """(H, D) per head the top left-singular vector of W_Q's head block (D x d): the query-space direction
+    that W_Q stretches most, i.e. the principal axis of the queries of isotropic normalised inputs (Fig 12)."""
+    attn = trace.decoder_layers(model)[models.check_layer(model, layer)].self_attn
+    w = attn.q_proj.weight.detach().double().cpu().unflatten(0, (-1, attn.head_dim))  # (H, D, d)
+    return torch.linalg.svd(w, full_matrices=False).U[..., 0].float()
+
+
+@torch.no_grad()
+def sink_logits(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(logits (B, H, T), sink_keys (B, H, D))``: q_t . k_0 with post-RoPE queries and the sink key
+    (unscaled: the sign is what Fig 12 counts), recomputed from the layer's input with the model's modules."""
+    layers = _layers_arg(model, layers)
+    blocks = trace.decoder_layers(model)
+    with _record_with_inputs(model, layers) as (inputs, _):
+        model(input_ids=ids.to(model.device))
+    out = {}
+    for l, h in inputs().items():
+        attn = blocks[l].self_attn
+        x = blocks[l].input_layernorm(h)
+        q = attn.q_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = _apply_rope(model, q, k, x)
+        k0 = k[:, :, 0].float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, D)
+        out[l] = ((q.float() * k0[:, :, None]).sum(-1).cpu(), k0.cpu())
+    return out
+
+
+@dataclasses.dataclass
+class QKLocking:
+    """Fig 12: per layer and head, the sink key's alignment with W_Q and the sign of the logits toward it."""
+
+    layers: list[int]
+    alignment: torch.Tensor   # (layers, H) |cos(sink key, top left-singular vector of W_Q's head block)|
+    positivity: torch.Tensor  # (layers, H) fraction of queries t >= 1 with q_t . k_0 > 0
+    sink: torch.Tensor        # (layers, H) mean attention to token 0 over queries t >= min_query
+
+    def correlation(self, from_layer: int = 0) -> float:
+        """Kendall's tau between alignment and positivity over the heads of layers >= ``from_layer``."""
+        rows = [i for i, l in enumerate(self.layers) if l >= from_layer]
+        if not rows:
+            raise ValueError(f"no recorded layer >= {from_layer}; recorded {self.layers}")
+        return float(metrics.kendall_tau(self.alignment[rows].flatten(), self.positivity[rows].flatten()))
+
+
+@torch.no_grad()
+def qk_locking(model, ids: torch.Tensor, layers: list[int] | None = None, min_query: int = 4,
+               batch_size: int = 8) -> QKLocking:
+    """Fig 12: for every head of ``layers``, alignment = |cos(k_0, u_1)| between the sink key k_0 (token 0's
+    key, pre-RoPE = post-RoPE at position 0) and u_1, the principal query direction of W_Q's head block
+    (``query_principal_directions``; the sign of a singular vector is arbitrary, hence |cos|); positivity =
+    fraction of queries t >= 1 whose logit q_t . k_0 toward token 0 is positive (post-RoPE); and the head's
+    mean attention to token 0 from the trace. Alignment is averaged over sequences."""
+    layers = _layers_arg(model, layers)
+    dirs = {l: query_principal_directions(model, l) for l in layers}
+    align, pos, sinks = {l: 0.0 for l in layers}, {l: 0.0 for l in layers}, []
+    n = 0
+    for chunk in _chunks(ids, batch_size):
+        with trace.record(model, "attn.sink", layers=layers) as rec:
+            logits = sink_logits(model, chunk, layers)
+        sinks.append(rec["attn.sink"][..., min_query:].float().mean(-1).cpu())  # (layers, B, H)
+        for l, (s, k0) in logits.items():
+            align[l] = align[l] + metrics.cosine(k0, dirs[l]).abs().sum(0)
+            pos[l] = pos[l] + metrics.positivity_ratio(s[..., 1:]).sum(0)
+        n += chunk.shape[0]
+    return QKLocking(layers=layers, alignment=torch.stack([align[l] / n for l in layers]),
+                     positivity=torch.stack([pos[l] / n for l in layers]), sink=torch.cat(sinks, 1).mean(1))
