@@ -4,9 +4,12 @@ Two steps, each a CLI sub-command:
 
     python -m sinkutils.train prepare --data-dir D          # build tokenizer + token streams once
     python -m sinkutils.train run --data-dir D --out-dir O  # train; rerun the same line to resume
+    torchrun --nproc-per-node 4 -m sinkutils.train run ...   # the same run on 4 GPUs (DDP), same batches
 
 Batches are a pure function of (seed, step), so an interrupted run resumed from its last checkpoint sees
-exactly the batches it would have seen, and ends where the uninterrupted run ends.
+exactly the batches it would have seen, and ends where the uninterrupted run ends. Under torchrun each of
+the N processes takes every step's rows [rank * B/N, (rank + 1) * B/N) and DDP averages the gradients, so
+the run follows the single-process trajectory (up to float summation order); rank 0 evaluates and saves.
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import argparse
 import dataclasses
 import json
 import math
-import random
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -45,33 +50,47 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    synthetic_frac: float = 0.0   # share of each batch drawn from the Bigram-Backcopy task (data.py)
-    synthetic_vocab: int = 64     # the task uses token ids 4 .. 4 + synthetic_vocab
+    synthetic_frac: float = 0.0   # share of each batch that is synthetic instead of text
+    synthetic_task: str = "random"  # "random": uniform tokens; "bigram_backcopy": Guo et al. 2024 (data.py)
+    synthetic_vocab: int = 64     # bigram_backcopy uses token ids 4 .. 4 + synthetic_vocab
     eval_every: int = 250
     eval_batches: int = 4
     ckpt_every: int = 250
     seed: int = 0
     threads: int = 0              # 0: torch's default
+    device: str = "auto"          # auto: this process's GPU (LOCAL_RANK under torchrun) if any, else cpu
 
     def validate(self) -> None:
+        """Fail before any work with a message that names the bad field and what is valid."""
         from sinkutils.variants import VARIANTS
 
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        for name in ("lr", "steps", "batch_size", "seq_len", "n_layer", "d_model", "n_head", "n_kv_head",
+                     "d_ff", "eval_every", "eval_batches", "ckpt_every", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        for name in ("lr", "steps", "batch_size", "seq_len", "n_layer"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.synthetic_frac <= 1 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError("synthetic_frac must lie in [0, 1]; weight_decay and warmup must be >= 0")
+        if self.synthetic_task not in ("random", "bigram_backcopy"):
+            raise ValueError(f"unknown synthetic_task {self.synthetic_task!r}; choose 'random' or 'bigram_backcopy'")
+        if not 0 <= self.synthetic_frac <= 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("synthetic_frac and min_lr_ratio must lie in [0, 1]")
+        if self.weight_decay < 0 or self.warmup < 0 or self.threads < 0:
+            raise ValueError("weight_decay, warmup and threads must be >= 0")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
 
-    def model_fields(self) -> dict:
-        """The fields that define the network: a resume must match them exactly."""
-        keys = ("variant", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "seq_len")
-        return {k: getattr(self, k) for k in keys}
+    def run_fields(self) -> dict:
+        """What decides the weights and the log: a resume must match all of it. Free to change between
+        resumes: where output goes, threads, device, and how often to evaluate or checkpoint."""
+        free = ("out_dir", "threads", "device", "eval_every", "ckpt_every")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -121,7 +140,10 @@ def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_
     starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=g)
     rows = torch.stack([stream[s:s + cfg.seq_len - 1] for s in starts.tolist()]).long()
     n_syn = round(cfg.synthetic_frac * cfg.batch_size)
-    if n_syn:
+    if n_syn and cfg.synthetic_task == "random":
+        rows[:n_syn] = data.random_token_batch(vocab_size, n_syn, cfg.seq_len - 1, bos_id=None,
+                                               seed=cfg.seed * 1_000_003 + step)
+    elif n_syn:
         rows[:n_syn] = data.bigram_backcopy(n_syn, cfg.seq_len - 1, min(vocab_size, 4 + cfg.synthetic_vocab),
                                             seed=cfg.seed * 1_000_003 + step)
     return torch.cat([torch.full((cfg.batch_size, 1), bos_id), rows], dim=1)
@@ -129,17 +151,19 @@ def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_
 
 # ----------------------------------------------------------------------------- model and loop
 
-def make_model(cfg: TrainConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The Llama of ``cfg`` (with ``cfg.variant``'s attention), initialised from ``cfg.seed``; special token
+    ids follow ``SPECIAL_TOKENS``, the order ``build_tokenizer`` gives them."""
+    from transformers import LlamaConfig
 
     from sinkutils import variants
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
         max_position_embeddings=max(2048, cfg.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"))
     torch.manual_seed(cfg.seed)
     return variants.build(config, cfg.variant)
 
@@ -152,11 +176,27 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on the weights of linear maps and embeddings only, never on norm gains (the
+    head-wise RMSNorm gain is 2-D but is a gain)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def train_step(model, opt: torch.optim.Optimizer, cfg: TrainConfig, ids: torch.Tensor, step: int) -> torch.Tensor:
+    """One optimisation step, the unit ``benchmarks/train_throughput.py`` times: learning rate of ``step``,
+    forward, backward (DDP averages gradients here), clipping, AdamW. Returns the detached loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    loss = model(input_ids=ids, labels=ids).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -168,6 +208,7 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, bos_id: int, vocab_size
     losses, sink = [], []
     for i in range(cfg.eval_batches):
         ids = batch(val, dataclasses.replace(cfg, synthetic_frac=0.0), i, bos_id, vocab_size, split_seed=1)
+        ids = ids.to(model.device)
         with trace.record(model, "attn.sink") as rec:
             out = model(input_ids=ids, labels=ids)
         losses.append(out.loss.item())
@@ -177,7 +218,7 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, bos_id: int, vocab_size
             "sink_per_layer": torch.stack(sink).mean(0).tolist()}
 
 
-def _save(model, opt, cfg: TrainConfig, step: int, log: list, out: Path) -> None:
+def _save(model, opt, cfg: TrainConfig, step: int, log: list, seconds: float, out: Path) -> None:
     """Write to a temporary folder, then swap, so a crash mid-save never leaves a broken checkpoint."""
     tmp = out / "checkpoint.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -188,16 +229,13 @@ def _save(model, opt, cfg: TrainConfig, step: int, log: list, out: Path) -> None
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg),
-                                                "optimizer": opt_meta, "log": log,
-                                                "rng": random.getstate()[1][:1]}, indent=1))
-    final = out / "checkpoint"
+                                                "optimizer": opt_meta, "log": log, "seconds": seconds}, indent=1))
+    final, old = out / "checkpoint", out / "checkpoint.old"
     if final.exists():
-        final.rename(out / "checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last swap
+        final.rename(old)
     tmp.rename(final)
-    if (out / "checkpoint.old").exists():
-        import shutil
-
-        shutil.rmtree(out / "checkpoint.old")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -223,56 +261,111 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
-    """Train (or resume) and return the log. ``stop_after`` ends early at that step (tests simulate a kill)."""
-    from transformers import AutoTokenizer
+def _distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) in a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
 
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint to resume from; ``checkpoint.old`` only if a crash fell between ``_save``'s two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / "state.json").exists():
+            return out / name
+    return None
+
+
+def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]:
+    """Load weights and optimizer state after checking that the checkpoint is a run of this very configuration."""
+    saved = json.loads((ckpt / "state.json").read_text())
+    defaults = dataclasses.asdict(TrainConfig(data_dir="", out_dir=""))
+    mine = cfg.run_fields()
+    theirs = {k: saved["config"].get(k, defaults[k]) for k in mine}
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        raise ValueError(f"{ckpt.parent} holds a different run; (saved, asked) for each field that differs: {diff}. "
+                         f"Use another --out-dir, or the saved values to resume.")
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), saved["optimizer"])
+    return saved["step"], saved["log"], saved.get("seconds", 0.0)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Train (or resume) and return the log. ``stop_after`` ends early at that step (tests simulate a kill).
+
+    Under torchrun (WORLD_SIZE > 1) each process runs this same function: it joins the process group,
+    trains on its slice of every batch through DistributedDataParallel, and only rank 0 evaluates, saves,
+    prints and exports; the returned log is complete on rank 0 only."""
     cfg.validate()
+    rank, local_rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = _device(cfg, local_rank)
+    joined = world > 1 and not dist.is_initialized()
+    if joined:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(cfg, stop_after, rank, world, device)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, rank: int, world: int, device: torch.device) -> dict:
+    from transformers import AutoTokenizer
+
     out = Path(cfg.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
     streams = load_file(Path(cfg.data_dir) / "tokens.safetensors")
-    model = make_model(cfg, tokenizer)
-    opt = _optimizer(model, cfg)
-    step, log = 0, []
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.json").exists():
-        saved = json.loads((ckpt / "state.json").read_text())
-        mine = cfg.model_fields() | {"seed": cfg.seed, "data_dir": cfg.data_dir}
-        theirs = {k: saved["config"][k] for k in mine}
-        if mine != theirs:
-            raise ValueError(f"{out} holds a run with a different configuration: {theirs}; this run asks for "
-                             f"{mine}. Use another --out-dir or the same configuration.")
-        model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-        model.tie_weights()
-        _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), saved["optimizer"])
-        step, log = saved["step"], saved["log"]
     bos, vocab = tokenizer.bos_token_id, len(tokenizer)
+    model = make_model(cfg, vocab).to(device)
+    opt = make_optimizer(model, cfg)
+    step, log, seconds = 0, [], 0.0
+    ckpt = _latest_checkpoint(out)
+    if ckpt is not None:
+        step, log, seconds = _resume(model, opt, cfg, ckpt)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc=f"train {cfg.variant}")
-    t0 = time.time()
+    bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc=f"train {cfg.variant}", disable=rank > 0)
+    t0 = time.time() - seconds
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        ids = batch(streams["train"], cfg, step, bos, vocab)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        ids = batch(streams["train"], cfg, step, bos, vocab)[rows].to(device)
+        loss = train_step(net, opt, cfg, ids, step)
+        if world > 1:  # report the loss of the whole batch, not of this rank's rows
+            dist.all_reduce(loss)
+            loss /= world
         bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
             ev = evaluate(model, streams["val"], cfg, bos, vocab)
             log.append({"step": done, "train_loss": loss.item(), "tokens": done * cfg.batch_size * cfg.seq_len,
                         "seconds": round(time.time() - t0, 1)} | ev)
             bar.write(f"step {done}: val {ev['val_loss']:.3f} sink {[round(s, 3) for s in ev['sink_per_layer']]}")
-        if done % cfg.ckpt_every == 0 or done == end:
-            _save(model, opt, cfg, done, log, out)
-    if end == cfg.steps:
+        if rank == 0 and (done % cfg.ckpt_every == 0 or done == end):
+            _save(model, opt, cfg, done, log, time.time() - t0, out)
+    if rank == 0 and end == cfg.steps:
         export(model, tokenizer, cfg, log, out)
+    if world > 1:
+        dist.barrier()  # every rank returns once rank 0's checkpoint and export are on disk
     return {"log": log}
 
 
@@ -285,6 +378,9 @@ def export(model, tokenizer, cfg: TrainConfig, log: list, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The CLI: ``prepare`` and ``run`` (every ``TrainConfig`` field is a flag)."""
+    from sinkutils.variants import VARIANTS
+
     p = argparse.ArgumentParser(prog="python -m sinkutils.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -296,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.default is dataclasses.MISSING:
             pr.add_argument(flag, required=True)
+        elif f.name == "variant":
+            pr.add_argument(flag, default=f.default, choices=sorted(VARIANTS))
         else:
             pr.add_argument(flag, type=type(f.default), default=f.default)
     args = vars(p.parse_args(argv))

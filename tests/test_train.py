@@ -1,0 +1,186 @@
+"""train: a killed and resumed run ends bit-identical to an uninterrupted one; resuming another run's folder
+is refused without touching it; bad configs fail in validate(); the schedule has its shape; every variant
+learns; train() is exactly the plain loop; torchrun with 2 processes follows the single-process run."""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sinkutils import train, variants
+
+VARIANTS = sorted(variants.VARIANTS)
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    r = random.Random(seed)
+    nouns = "cat dog model layer token head query key value sink norm weight".split()
+    verbs = "sees moves attends normalises scales keeps drops finds".split()
+    adjs = "small large first last quiet sparse dense causal".split()
+    return [" ".join(f"the {r.choice(adjs)} {r.choice(nouns)} {r.choice(verbs)} the {r.choice(nouns)}."
+                     for _ in range(r.randint(2, 5))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """A tokenizer and token streams laid out as ``prepare`` writes them, from a few hundred short texts."""
+    out = tmp_path_factory.mktemp("data")
+    tokenizer = train.build_tokenizer(_texts(300, 0), vocab_size=160)
+    tokenizer.save_pretrained(out / "tokenizer")
+    save_file({"train": train._stream(tokenizer, _texts(300, 0)), "val": train._stream(tokenizer, _texts(60, 1))},
+              out / "tokens.safetensors")
+    return str(out)
+
+
+def tiny_cfg(data_dir: str, out_dir, **overrides) -> train.TrainConfig:
+    base = dict(n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64, seq_len=32, batch_size=4, steps=8,
+                lr=1e-2, warmup=2, eval_every=3, eval_batches=1, ckpt_every=100, threads=1, device="cpu")
+    return train.TrainConfig(data_dir=data_dir, out_dir=str(out_dir), **(base | overrides))
+
+
+def weights(out_dir) -> dict:
+    return load_file(Path(out_dir) / "checkpoint" / "model.safetensors")
+
+
+def without_time(log: list) -> list:
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in log]
+
+
+@pytest.mark.parametrize("variant", ["baseline", "gated"])
+def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, variant):
+    whole = train.train(tiny_cfg(data_dir, tmp_path / "whole", variant=variant))
+    cfg = tiny_cfg(data_dir, tmp_path / "split", variant=variant)
+    train.train(cfg, stop_after=5)  # the "kill": a checkpoint at step 5, between two evaluations
+    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 5
+    assert not (tmp_path / "split" / "model").exists()
+    resumed = train.train(cfg)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(variants.SUBMODULES.get(variant, "-") in k for k in a) == (variant in variants.SUBMODULES)
+    assert without_time(whole["log"]) == without_time(resumed["log"])
+    assert [e["step"] for e in resumed["log"]] == [3, 6, 8]
+
+
+def test_crash_between_checkpoint_swaps_resumes_from_the_old_one(data_dir, tmp_path):
+    train.train(tiny_cfg(data_dir, tmp_path / "whole"))
+    cfg = tiny_cfg(data_dir, tmp_path / "split")
+    train.train(cfg, stop_after=5)
+    (tmp_path / "split" / "checkpoint").rename(tmp_path / "split" / "checkpoint.old")  # killed mid-swap
+    train.train(cfg)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "split" / "checkpoint.old").exists()
+
+
+def test_resume_into_another_runs_folder_is_refused(data_dir, tmp_path):
+    train.train(tiny_cfg(data_dir, tmp_path, steps=4), stop_after=2)
+    ckpt = tmp_path / "checkpoint"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()}
+    with pytest.raises(ValueError, match=r"different run.*'lr': \(0.01, 0.02\)"):
+        train.train(tiny_cfg(data_dir, tmp_path, steps=4, lr=2e-2))
+    with pytest.raises(ValueError, match="variant"):
+        train.train(tiny_cfg(data_dir, tmp_path, steps=4, variant="sigmoid"))
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpt.iterdir()}
+    # what may change between resumes (evaluation cadence, threads) does not block it
+    assert train.train(tiny_cfg(data_dir, tmp_path, steps=4, eval_every=2, threads=0))["log"][-1]["step"] == 4
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("variant", "softmax1", "choose one of .*headwise_rmsnorm"),
+    ("n_head", 3, "n_head=3 must divide d_model=32"),
+    ("n_kv_head", 3, "n_kv_head=3 must divide n_head=4"),
+    ("lr", -1e-3, "lr must be positive"),
+    ("eval_every", 0, "eval_every must be positive"),
+    ("synthetic_frac", 1.5, r"\[0, 1\]"),
+    ("device", "tpu9", "'auto', 'cpu', 'cuda'"),
+])
+def test_bad_config_fails_in_validate(field, value, message):
+    cfg = dataclasses.replace(tiny_cfg("unused", "unused"), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+    with pytest.raises(ValueError, match=message):  # before touching the (missing) data dir
+        train.train(cfg)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = train.TrainConfig(data_dir="d", out_dir="o", lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 35: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),
+                60: 0.55, 110: 0.1}
+    for step, lr in expected.items():
+        assert train.lr_at(cfg, step) == pytest.approx(lr, abs=1e-12), step
+    after = [train.lr_at(cfg, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_learns(data_dir, tmp_path, variant):
+    log = train.train(tiny_cfg(data_dir, tmp_path, variant=variant, steps=12, eval_every=4))["log"]
+    val = [e["val_loss"] for e in log]
+    assert val == sorted(val, reverse=True) and val[-1] < val[0] - 0.5, val
+    assert log[-1]["train_loss"] < math.log(160) - 1
+    assert len(log[-1]["sink_per_layer"]) == 2
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_train_is_exactly_the_plain_loop(data_dir, tmp_path):
+    """The single-process path (no DDP wrapper, full batch) against the loop written out by hand."""
+    from transformers import AutoTokenizer
+
+    cfg = tiny_cfg(data_dir, tmp_path, variant="headwise_rmsnorm", steps=5)
+    train.train(cfg)
+    tok = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer")
+    stream = load_file(Path(data_dir) / "tokens.safetensors")["train"]
+    model = train.make_model(cfg, len(tok))
+    opt = train.make_optimizer(model, cfg)
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = train.lr_at(cfg, step)
+        ids = train.batch(stream, cfg, step, tok.bos_token_id, len(tok))
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    saved = weights(tmp_path)
+    for name, p in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], p), name
+    gains = [g for g in opt.param_groups if g["weight_decay"] == 0.0][0]["params"]
+    assert any(p.shape == (4, 8) for p in gains)  # the head-wise gain is not weight-decayed
+
+
+def test_cli_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["run", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--variant" in text and "--out-dir" in text and "sigmoid" in text
+
+
+def test_torchrun_two_processes_follow_the_single_process_run(data_dir, tmp_path):
+    """2 CPU processes (gloo), each half of every batch: same trajectory up to float summation order."""
+    args = dict(variant="gated", steps=6, eval_every=3)
+    single = train.train(tiny_cfg(data_dir, tmp_path / "one", **args))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(tiny_cfg(data_dir, tmp_path / "two",
+                                                                                   **args)).items()]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "sinkutils.train", "run", *flags], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("step 3: val") == 1  # only rank 0 reports
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    log = json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["log"]
+    for x, y in zip(single["log"], log):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
