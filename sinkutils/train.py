@@ -377,8 +377,80 @@ def export(model, tokenizer, cfg: TrainConfig, log: list, out: Path) -> None:
         {"config": dataclasses.asdict(cfg), "log": log}, indent=1))
 
 
+def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = "") -> Path:
+    """Turn ``out_dir``'s latest checkpoint into the embedded model ``name`` (``sinkutils/checkpoints/name``):
+    safetensors weights, tokenizer, the training log, and a MODEL_CARD.md with the recipe, the command that
+    regenerates it, and the sink numbers measured now on held-out text (BOS + 127 tokens of Python docs)."""
+    from transformers import AutoTokenizer
+
+    from sinkutils import measure, models
+
+    ckpt = _latest_checkpoint(Path(out_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {out_dir}; train first with `python -m sinkutils.train run`")
+    saved = json.loads((ckpt / "state.json").read_text())
+    cfg = TrainConfig(**saved["config"])
+    tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
+    model = make_model(cfg, len(tokenizer))
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    model.tie_weights()
+    dest = (dest_root or models.CHECKPOINTS) / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    model.eval()
+    ids = data.token_batch(tokenizer, data.python_docs(), n=32, length=128, seed=0)
+    prof = measure.sink_profile(model, ids)
+    last = saved["log"][-1] if saved["log"] else {}
+    metrics = {"step": saved["step"], "tokens_seen": saved["step"] * cfg.batch_size * cfg.seq_len,
+               "train_seconds": round(saved.get("seconds", 0.0)), "val_loss": last.get("val_loss"),
+               "attention_to_first": [round(x, 4) for x in prof.attention_to_first.tolist()],
+               "sink_rate": [round(x, 3) for x in prof.sink_rate.tolist()],
+               "first_norm": [round(x, 2) for x in prof.first_norm.tolist()],
+               "other_norm": [round(x, 2) for x in prof.other_norm.tolist()]}
+    (dest / "training.json").write_text(json.dumps({"config": saved["config"], "metrics": metrics,
+                                                    "log": saved["log"]}, indent=1))
+    corpus = json.loads((Path(cfg.data_dir) / "corpus.json").read_text())
+    defaults = dataclasses.asdict(TrainConfig(data_dir="", out_dir=""))
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["config"].items()
+                     if k not in ("data_dir", "out_dir", "threads", "device") and v != defaults[k])
+    vocab = len(tokenizer)
+    (dest / "MODEL_CARD.md").write_text(f"""# {name}
+
+A {cfg.n_layer}-layer Llama ({cfg.d_model} wide, {cfg.n_head} heads, SwiGLU FFN of {cfg.d_ff}, RoPE, RMSNorm,
+tied embeddings, vocabulary {vocab}) trained from scratch by `sinkutils.train`, shipped so the book builds
+offline. Variant: `{cfg.variant}`.
+
+## Recipe
+
+- corpus: {corpus['train']} ({corpus['train_docs']} docstrings); validation: {corpus['val']} (never trained on)
+- environment when the corpus was built: {corpus['environment']}
+- every training row is BOS + {cfg.seq_len - 1} tokens cut at a seeded offset of the token stream
+- seed {cfg.seed}; {saved['step']} steps of {cfg.batch_size} x {cfg.seq_len} tokens = {metrics['tokens_seen']:,} tokens seen,
+  {metrics['train_seconds']} s of training; AdamW (0.9, 0.95), peak lr {cfg.lr}, weight decay {cfg.weight_decay},
+  warmup {cfg.warmup}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps
+
+Regenerate:
+
+```bash
+python -m sinkutils.train prepare --data-dir DATA --vocab-size {vocab}
+python -m sinkutils.train run --data-dir DATA --out-dir RUN {flags}
+python -m sinkutils.train ship --out-dir RUN --name {name}
+```
+
+## Measured at shipping (32 held-out sequences of BOS + 127 tokens, queries at positions >= 4)
+
+| layer | attention to token 0 | sink rate (heads > 0.3) | token-0 input norm | other tokens' norm |
+|---|---|---|---|---|
+""" + "".join(f"| {l} | {a:.3f} | {r:.2f} | {f:.1f} | {o:.1f} |\n" for l, (a, r, f, o) in enumerate(zip(
+        metrics["attention_to_first"], metrics["sink_rate"], metrics["first_norm"], metrics["other_norm"])))
+        + f"\nvalidation loss {metrics['val_loss']}\n" + (f"\n## Notes\n\n{notes}\n" if notes else ""))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The CLI: ``prepare`` and ``run`` (every ``TrainConfig`` field is a flag)."""
+    """The CLI: ``prepare``, ``run`` (every ``TrainConfig`` field is a flag) and ``ship``."""
     from sinkutils.variants import VARIANTS
 
     p = argparse.ArgumentParser(prog="python -m sinkutils.train", description=__doc__,
@@ -396,10 +468,16 @@ def main(argv: list[str] | None = None) -> None:
             pr.add_argument(flag, default=f.default, choices=sorted(VARIANTS))
         else:
             pr.add_argument(flag, type=type(f.default), default=f.default)
+    ps = sub.add_parser("ship", help="make the latest checkpoint of --out-dir an embedded model")
+    ps.add_argument("--out-dir", required=True)
+    ps.add_argument("--name", required=True)
+    ps.add_argument("--notes", default="", help="markdown appended to the model card (what was tried)")
     args = vars(p.parse_args(argv))
     cmd = args.pop("cmd")
     if cmd == "prepare":
         prepare(args["data_dir"], args["vocab_size"])
+    elif cmd == "ship":
+        print(ship(args["out_dir"], args["name"], notes=args["notes"]))
     else:
         train(TrainConfig(**args))
 
