@@ -63,12 +63,249 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
 
 
 @torch.no_grad()
-def attention_pattern(model, ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
-    """One head's (T x T) attention map for the first row of ``ids`` (chapter-1 heatmap)."""
-    from sinkutils.models import check_head, check_layer
+def attention_patterns(model, ids: torch.Tensor, layers: list[int] | None = None, length: int = 48) -> torch.Tensor:
+    """(layers, heads, length, length) attention maps of the first ``length`` tokens of ``ids``' first row, for
+    the chapter-1 heatmap widget: short enough that every layer and head can be pre-rendered."""
+    from sinkutils.models import check_layer
+
+    layers = list(range(len(trace.decoder_layers(model)))) if layers is None else [check_layer(model, l) for l in layers]
+    with trace.record(model, "attn.pattern", layers=layers) as rec:
+        model(input_ids=ids[:1, :length].to(model.device))
+    return rec["attn.pattern"][:, 0].float().cpu()
+
+
+# --- chapter 2: value aggregation and the variance discrepancy (Fig 1, 23) -------------------------------
+
+def _value_hooks(model, layers: list[int], store: dict):
+    """Forward hooks storing each layer's dimension-wise value variance per head, (B, T, heads)."""
+    hooks = []
+    for l in layers:
+        attn = trace.decoder_layers(model)[l].self_attn
+        n_heads = model.config.num_attention_heads
+
+        def hook(_m, _inp, out, l=l, attn=attn, n_heads=n_heads):
+            v = metrics.dimension_variance(out.unflatten(-1, (-1, attn.head_dim)))  # (B, T, Hkv)
+            store[l] = v.repeat_interleave(n_heads // v.shape[-1], dim=-1)
+        hooks.append(attn.v_proj.register_forward_hook(hook))
+    return hooks
+
+
+@dataclasses.dataclass
+class VarianceProfile:
+    """Dimension-wise variance of per-head attention outputs by position (chapter 2, Fig 1 and 23).
+
+    All tensors are (layers, heads, T), means over the sequences measured."""
+
+    measured: torch.Tensor   # var over head_dim of o_t = sum_j p_tj v_j
+    predicted: torch.Tensor  # sum_j p_tj^2 var(v_j): what independent value vectors would give
+    value_var: torch.Tensor  # var over head_dim of v_t
+    sum_p2: torch.Tensor     # sum_j p_tj^2: 1 for token 0, 1/(t+1) under uniform attention
+    layers: list[int]
+
+    def first_to_rest(self) -> torch.Tensor:
+        """(layers,) see ``first_to_rest``."""
+        return first_to_rest(self.measured)
+
+    def decay_slope(self, which: str = "measured") -> torch.Tensor:
+        """(layers,) least-squares slope of log variance against log(t+1) over positions t >= 1, heads
+        averaged: -1 is the uniform-attention rate 1/(t+1), 0 no decay."""
+        v = getattr(self, which).mean(1)[:, 1:].clamp_min(1e-30).log()
+        x = torch.arange(2, v.shape[-1] + 2, dtype=v.dtype).log()
+        x = x - x.mean()
+        return ((v - v.mean(-1, keepdim=True)) * x).sum(-1) / x.pow(2).sum()
+
+
+def first_to_rest(variance: torch.Tensor) -> torch.Tensor:
+    """(layers,) the variance discrepancy: head-averaged variance of token 0 over the mean variance of
+    positions 1..T-1, from a (layers, heads, T) variance by position."""
+    v = variance.mean(1)
+    return v[:, 0] / v[:, 1:].mean(-1)
+
+
+def aggregation_prediction(pattern: torch.Tensor, value_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_j p_tj^2 var(v_j), sum_j p_tj^2) from attention maps (..., T, S) and value variances (..., S).
+
+    If value vectors had independent coordinates, var(sum_j p_tj v_j) = sum_j p_tj^2 var(v_j): averaging
+    over many keys shrinks the variance (by 1/(t+1) for uniform attention); token 0 keeps var(v_0)."""
+    p2 = pattern.float().pow(2)
+    return (p2 @ value_var.float().unsqueeze(-1)).squeeze(-1), p2.sum(-1)
+
+
+@torch.no_grad()
+def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None, batch_size: int = 8,
+                     layers_per_pass: int = 4) -> VarianceProfile:
+    """Measured and predicted dimension-wise variance of per-head attention outputs by position (Fig 1, 23).
+
+    The prediction needs the attention maps (``attn.pattern``): at most ``layers_per_pass`` layers are held
+    per forward pass, one batch of ``batch_size`` sequences at a time."""
+    from sinkutils.models import check_layer
+
+    layers = list(range(len(trace.decoder_layers(model)))) if layers is None else [check_layer(model, l) for l in layers]
+    groups = [layers[i:i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
+    sums = {name: {} for name in ("measured", "predicted", "value_var", "sum_p2")}
+    n = 0
+    for chunk in _batches(ids, batch_size, "variance profile"):
+        for group in groups:
+            values: dict[int, torch.Tensor] = {}
+            hooks = _value_hooks(model, group, values)
+            try:
+                with trace.record(model, "attn.head_out", "attn.pattern", layers=group) as rec:
+                    model(input_ids=chunk.to(model.device))
+            finally:
+                for h in hooks:
+                    h.remove()
+            head_out, pattern = rec["attn.head_out"], rec["attn.pattern"]  # (G,B,T,H,D), (G,B,H,T,S)
+            for i, l in enumerate(group):
+                vvar = values[l].transpose(1, 2).float()  # (B, H, T)
+                pred, p2 = aggregation_prediction(pattern[i], vvar)
+                got = {"measured": metrics.dimension_variance(head_out[i]).transpose(1, 2), "predicted": pred,
+                       "value_var": vvar, "sum_p2": p2}
+                for name, value in got.items():
+                    sums[name][l] = sums[name].get(l, 0) + value.sum(0).cpu()
+        n += chunk.shape[0]
+    stacked = {name: torch.stack([s[l] for l in layers]) / n for name, s in sums.items()}
+    return VarianceProfile(**stacked, layers=layers)
+
+
+@torch.no_grad()
+def position_variance(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """(layers, heads, T) dimension-wise variance of per-head attention outputs, mean over sequences; no
+    attention maps, so cheap at any length (chapter 3 compares it with and without an intervention)."""
+    total, n = 0, 0
+    for chunk in _batches(ids, batch_size, "position variance"):
+        with trace.record(model, "attn.head_out") as rec:
+            model(input_ids=chunk.to(model.device))
+        total = total + metrics.dimension_variance(rec["attn.head_out"]).sum(1).transpose(1, 2).cpu()
+        n += chunk.shape[0]
+    return total / n
+
+
+# --- chapter 3: moving the sink (Fig 5, 6, 19, 20) --------------------------------------------------------
+
+@torch.no_grad()
+def attention_to(model, ids: torch.Tensor, key: int, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
+    """(layers, heads) mean attention that queries after position ``key`` give to it, over sequences.
+
+    Linear in length (``trace`` 's ``attn.sink`` with ``sink_index=key``); works inside an intervention."""
+    if not 0 <= key < ids.shape[-1] - 1:
+        raise ValueError(f"key {key} needs later queries: choose 0..{ids.shape[-1] - 2} for sequences of "
+                         f"{ids.shape[-1]} tokens")
+    chunks = _batches(ids, batch_size, f"attention to {key}") if progress else ids.split(batch_size)
+    total, n = 0, 0
+    for chunk in chunks:
+        with trace.record(model, "attn.sink", sink_index=key) as rec:
+            model(input_ids=chunk.to(model.device))
+        total = total + rec["attn.sink"][..., key + 1:].float().mean(-1).sum(1).cpu()  # (L, H)
+        n += chunk.shape[0]
+    return total / n
+
+
+@dataclasses.dataclass
+class MaskEffect:
+    """Attention to token ``k`` per layer without and with the mask intervention at ``k`` (Fig 5, 19)."""
+
+    k: int
+    masked_layers: list[int]
+    before: torch.Tensor  # (layers,) mean over heads, sequences and queries after k
+    after: torch.Tensor   # (layers,) the same with token k attending only to itself
+    first: torch.Tensor   # (layers,) attention to token 0 measured the same way, no intervention
+
+    @property
+    def affected(self) -> list[int]:
+        """Layers whose attention to k the mask can change: those after the first masked layer (the masked
+        layer itself still sees unchanged keys and queries, only row k differs, and row k is not counted)."""
+        return list(range(min(self.masked_layers) + 1, len(self.before)))
+
+    def mean(self, which: str) -> float:
+        """``before``, ``after`` or ``first`` averaged over the affected layers."""
+        return float(getattr(self, which)[self.affected].mean())
+
+
+@torch.no_grad()
+def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = None, batch_size: int = 8,
+                progress: bool = True) -> MaskEffect:
+    """Attention to ``k`` and to token 0 per layer, then attention to ``k`` under
+    ``interventions.block_aggregation(model, k, layers)`` (default: all layers)."""
+    from sinkutils import interventions
+
+    k = interventions.check_position(k, ids.shape[-1], attended=True)
+    n = len(trace.decoder_layers(model))
+    layers = list(range(n)) if layers is None else sorted(interventions.check_layers(model, layers))
+    if min(layers) == n - 1:
+        raise ValueError(f"a mask only at the last layer ({n - 1}) cannot change attention to k in any later "
+                         f"layer; choose layers from 0..{n - 2}")
+    before = attention_to(model, ids, k, batch_size, progress).mean(-1)
+    first = attention_to(model, ids, 0, batch_size, progress).mean(-1)
+    with interventions.block_aggregation(model, k, layers):
+        after = attention_to(model, ids, k, batch_size, progress).mean(-1)
+    return MaskEffect(k=k, masked_layers=layers, before=before, after=after, first=first)
+
+
+@torch.no_grad()
+def attention_received(model, ids: torch.Tensor, layer: int, batch_size: int = 1) -> torch.Tensor:
+    """(T-1,) attention each key position 0..T-2 receives at ``layer``: mean over heads, sequences and the
+    queries after it (Fig 5, 19). Holds one layer's maps for ``batch_size`` sequences at a time."""
+    from sinkutils.models import check_layer
 
     check_layer(model, layer)
-    check_head(model, head)
-    with trace.record(model, "attn.pattern", layers=[layer]) as rec:
-        model(input_ids=ids[:1].to(model.device))
-    return rec["attn.pattern"][0, 0, head].float().cpu()
+    T = ids.shape[1]
+    later = torch.tril(torch.ones(T, T, device=model.device), diagonal=-1)  # query t > key j
+    total, n = 0, 0
+    for chunk in _batches(ids, batch_size, f"attention received, layer {layer}"):
+        with trace.record(model, "attn.pattern", layers=[layer]) as rec:
+            model(input_ids=chunk.to(model.device))
+        p = rec["attn.pattern"][0].float()  # (B, H, T, S)
+        total = total + (p * later).sum(-2).mean(1).sum(0).cpu()
+        n += chunk.shape[0]
+    return (total / n)[:-1] / later.sum(0)[:-1].cpu()
+
+
+@dataclasses.dataclass
+class LambdaSweep:
+    """Attention to token ``k`` when its attention output at one layer is edited with strength lambda
+    (Fig 6, 20): ``curves[mode]`` is (applied layers, lambdas, readout layers), NaN where not defined."""
+
+    k: int
+    lambdas: list[float]
+    applied: list[int]
+    curves: dict[str, torch.Tensor]
+    baseline: torch.Tensor  # (readout layers,) no intervention
+
+    def summary(self, mode: str, layer: int) -> torch.Tensor:
+        """(lambdas,) attention to k averaged over the layers after ``layer`` (the only ones it can change)."""
+        i = self.applied.index(layer)
+        return self.curves[mode][i, :, layer + 1:].mean(-1)
+
+    def baseline_after(self, layer: int) -> float:
+        """Attention to k without intervention, averaged over the layers after ``layer``."""
+        return float(self.baseline[layer + 1:].mean())
+
+    def gains(self, layer: int) -> tuple[float, float]:
+        """(amplified, control) attention to k at the largest lambda, each divided by the no-intervention
+        value, over the layers after ``layer``: 1 means no change."""
+        top = max(range(len(self.lambdas)), key=lambda j: self.lambdas[j])
+        base = self.baseline_after(layer)
+        return float(self.summary("amplify", layer)[top]) / base, float(self.summary("norm", layer)[top]) / base
+
+
+@torch.no_grad()
+def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied: list[int],
+                 batch_size: int = 8, progress: bool = True) -> LambdaSweep:
+    """Variance amplification and its norm-only control at position ``k``, one run per (layer, lambda, mode)
+    (``interventions.amplify_variance`` / ``scale_norm``). The control is defined for lambda >= 1 only."""
+    from sinkutils import interventions
+
+    k = interventions.check_position(k, ids.shape[1], attended=True)
+    lambdas = [interventions.check_lambda(lam) for lam in lambdas]
+    n = len(trace.decoder_layers(model))
+    applied = [interventions.check_edit_layer(model, l) for l in applied]
+    base = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
+    curves = {mode: torch.full((len(applied), len(lambdas), n), float("nan")) for mode in interventions.INTERVENTIONS}
+    for mode in curves:  # lambda = 1 leaves the output unchanged in both modes (tested): no run needed
+        curves[mode][:, [j for j, lam in enumerate(lambdas) if lam == 1.0]] = base
+    runs = [(i, layer, j, lam, mode) for i, layer in enumerate(applied) for j, lam in enumerate(lambdas)
+            for mode in interventions.INTERVENTIONS if lam != 1.0 and not (mode == "norm" and lam < 1)]
+    for i, layer, j, lam, mode in tqdm(runs, desc="lambda sweep", leave=False, disable=not progress):
+        with interventions.INTERVENTIONS[mode](model, k, lam, layer):
+            curves[mode][i, j] = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
+    return LambdaSweep(k=k, lambdas=lambdas, applied=list(applied), curves=curves, baseline=base)
