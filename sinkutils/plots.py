@@ -79,3 +79,113 @@ def bars(values: torch.Tensor, ylabel: str, xlabel: str, title: str = "", highli
         ax.set_yscale("log")
     fig.tight_layout()
     return fig
+
+
+def lines(x, series: dict[str, torch.Tensor], xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+          logy: bool = False, dashed: tuple[str, ...] = (), ylim: tuple | None = None,
+          colors: dict[str, str] | None = None) -> plt.Figure:
+    """Several curves against a shared x (Fig 1: variance by position; Fig 6: attention vs lambda); the
+    names in ``dashed`` are drawn dashed (predictions, references). NaN points are left out."""
+    fig, ax = _fig()
+    x = torch.as_tensor(x).float()
+    for name, values in series.items():
+        color = (colors or {}).get(name, COLORS.get(name))
+        ax.plot(x, torch.as_tensor(values).float(), "--" if name in dashed else "o-", label=name, color=color,
+                markersize=3)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def stacked_bars(series: dict[str, torch.Tensor], ylabel: str, xlabel: str, title: str = "",
+                 highlight: list[int] = ()) -> plt.Figure:
+    """One bar panel per series on a shared axis (Fig 5, 19: attention received per position without and
+    with an intervention), the highlighted items in the sink colour."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(series), 1, sharex=True, sharey=True,
+                                 figsize=(6.4, 1.2 + 1.3 * len(series)), squeeze=False)
+    for ax, (name, values) in zip(axes[:, 0], series.items()):
+        v = torch.as_tensor(values).float()
+        colors = [COLORS["sink"] if i in set(highlight) else COLORS["other"] for i in range(len(v))]
+        ax.bar(range(len(v)), v, color=colors, width=0.8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(name, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def histogram(series: dict[str, torch.Tensor], xlabel: str, title: str = "", bins: int = 40,
+              logy: bool = False, marks: dict[str, float] | None = None) -> plt.Figure:
+    """Overlaid distributions on shared bins (Fig 7: Kendall tau per W_O neuron, token 0 against later
+    tokens; Fig 10: W_down weights); ``marks`` draws labelled vertical lines (means, published values)."""
+    fig, ax = _fig()
+    values = {name: torch.as_tensor(v).float().flatten() for name, v in series.items()}
+    everything = torch.cat(list(values.values()))
+    edges = torch.linspace(float(everything.min()), float(everything.max()) + 1e-12, bins + 1)
+    for i, (name, v) in enumerate(values.items()):
+        ax.hist(v.numpy(), bins=edges.numpy(), alpha=0.55, label=name,
+                color=COLORS.get(name, [COLORS["sink"], COLORS["other"], COLORS["norm"]][i % 3]))
+    for j, (name, x) in enumerate((marks or {}).items()):
+        ax.axvline(x, color=["#2c3e50", "#8e44ad", "#27ae60"][j % 3], ls="--", lw=1, label=name)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def scatter(x: torch.Tensor, y: torch.Tensor, xlabel: str, ylabel: str, title: str = "",
+            color: torch.Tensor | None = None, color_label: str = "", labels: list[str] | None = None) -> plt.Figure:
+    """One point per item (Fig 12: one per head, alignment against positivity), optionally coloured by a
+    third quantity (e.g. the head's attention to token 0) and annotated with ``labels``."""
+    fig, ax = _fig(figsize=(5.2, 3.8))
+    x, y = torch.as_tensor(x).float().flatten(), torch.as_tensor(y).float().flatten()
+    if color is None:
+        ax.scatter(x, y, color=COLORS["sink"], s=28)
+    else:
+        points = ax.scatter(x, y, c=torch.as_tensor(color).float().flatten(), cmap="magma_r", s=28,
+                            vmin=0, vmax=max(1e-6, float(torch.as_tensor(color).max())), edgecolors="k",
+                            linewidths=0.3)
+        fig.colorbar(points, ax=ax, fraction=0.046, label=color_label)
+    for xi, yi, text in zip(x, y, labels or []):
+        ax.annotate(text, (float(xi), float(yi)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.tight_layout()
+    return fig
+
+
+def bar_panels(panels: dict[str, torch.Tensor], xlabels: list[str], title: str = "",
+               highlights: list[list[int]] | None = None, logy: tuple[bool, ...] = ()) -> plt.Figure:
+    """Side-by-side bar panels, each with its own axes (Fig 8: W_gate and W_up row norms; Fig 9 and 10: one
+    neuron's cosine and up activation per token and its W_down column); highlighted items in the sink colour.
+    Panels longer than 256 items are drawn as points, the highlighted ones enlarged."""
+    n = len(panels)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
+    for i, (ax, (name, values)) in enumerate(zip(axes[0], panels.items())):
+        v = torch.as_tensor(values).float()
+        marked = set((highlights or [[]] * n)[i])
+        if len(v) > 256:  # thousands of bars render slowly and hide single outliers: draw points instead
+            ax.plot(range(len(v)), v, ".", ms=2, color=COLORS["other"])
+            idx = sorted(marked)
+            ax.plot(idx, v[idx], "o", ms=5, color=COLORS["sink"])
+        else:
+            colors = [COLORS["sink"] if j in marked else COLORS["other"] for j in range(len(v))]
+            ax.bar(range(len(v)), v, color=colors, width=0.8)
+        if i < len(logy) and logy[i]:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xlabel(xlabels[i])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

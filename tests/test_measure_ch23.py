@@ -1,0 +1,173 @@
+"""Chapters 2 and 3: the measurements are what they claim on tiny random models (by construction), and on the
+embedded default model every effect the chapters state has the paper's direction."""
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from sinkutils import book, interventions, measure, metrics, models, trace
+from tests.test_trace import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ids_for(B=4, T=16, seed=0):
+    return torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --- chapter 2 ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_variance_profile_measures_head_outputs_and_is_exact_at_token_0(arch):
+    model = tiny(arch)
+    ids = ids_for()
+    prof = measure.variance_profile(model, ids, batch_size=3, layers_per_pass=2)
+    with trace.record(model, "attn.head_out") as rec:
+        model(input_ids=ids)
+    direct = metrics.dimension_variance(rec["attn.head_out"]).mean(1).transpose(1, 2)  # (L, H, T)
+    torch.testing.assert_close(prof.measured, direct, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(measure.position_variance(model, ids, batch_size=3), direct, atol=1e-6, rtol=1e-5)
+    # token 0 has one key: p_00 = 1 and o_0 = v_0, so the prediction is the measurement
+    assert torch.allclose(prof.sum_p2[..., 0], torch.ones(3, 4))
+    torch.testing.assert_close(prof.predicted[..., 0], prof.measured[..., 0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(prof.value_var[..., 0], prof.measured[..., 0], atol=1e-6, rtol=1e-5)
+    bound = 1 / torch.arange(1, 17)
+    assert (prof.sum_p2 >= bound - 1e-6).all() and (prof.sum_p2 <= 1 + 1e-6).all()
+
+
+def test_uniform_attention_gives_sum_p2_one_over_t_plus_1():
+    model = tiny("llama")
+    for block in model.model.layers:  # zero queries: every logit is 0, attention is uniform over the prefix
+        torch.nn.init.zeros_(block.self_attn.q_proj.weight)
+    prof = measure.variance_profile(model, ids_for())
+    expected = (1 / torch.arange(1, 17)).expand_as(prof.sum_p2)
+    torch.testing.assert_close(prof.sum_p2, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_prediction_is_exact_for_values_with_independent_coordinates():
+    p = torch.tensor([[1.0, 0, 0], [0.25, 0.75, 0], [0.2, 0.3, 0.5]])
+    pred, p2 = measure.aggregation_prediction(p, torch.tensor([4.0, 1.0, 2.0]))
+    torch.testing.assert_close(p2, torch.tensor([1.0, 0.625, 0.38]))
+    torch.testing.assert_close(pred, torch.tensor([4.0, 0.25 + 0.5625, 0.16 + 0.09 + 0.5]))
+
+
+def test_discrepancy_and_decay_summaries():
+    var = (1 / torch.arange(1, 33)).repeat(2, 3, 1)  # (L, H, T): exactly var(v) / (t + 1)
+    prof = measure.VarianceProfile(var, var, var, var, [0, 1])
+    torch.testing.assert_close(prof.decay_slope(), torch.tensor([-1.0, -1.0]))
+    torch.testing.assert_close(measure.first_to_rest(var), 1 / (1 / torch.arange(2, 33)).mean().repeat(2))
+
+
+# --- chapter 3 ---------------------------------------------------------------------------------------------
+
+def test_attention_to_and_received_match_the_full_maps():
+    model = tiny("qwen2")
+    ids = ids_for()
+    with trace.record(model, "attn.pattern", layers=[0, 1, 2]) as rec:
+        model(input_ids=ids)
+    maps = rec["attn.pattern"]  # (L, B, H, T, S)
+    torch.testing.assert_close(measure.attention_to(model, ids, 3, batch_size=3), maps[..., 4:, 3].mean((1, 3)),
+                               atol=1e-6, rtol=1e-5)
+    got = measure.attention_received(model, ids, 1, batch_size=3)
+    want = torch.stack([maps[1, :, :, j + 1:, j].mean() for j in range(15)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_mask_effect_changes_nothing_it_cannot_reach():
+    model = tiny("llama")
+    ids = ids_for()
+    effect = measure.mask_effect(model, ids, 6)
+    assert effect.affected == [1, 2]
+    torch.testing.assert_close(effect.after[0], effect.before[0])  # layer 0: keys and other queries unchanged
+    late = measure.mask_effect(model, ids, 6, layers=[1])
+    assert late.affected == [2]
+    torch.testing.assert_close(late.after[:2], late.before[:2])
+    with pytest.raises(ValueError, match="last layer"):
+        measure.mask_effect(model, ids, 6, layers=[2])
+    with pytest.raises(ValueError, match="no later query can attend to it; choose k in 1..14"):
+        measure.mask_effect(model, ids, 15)
+
+
+def test_lambda_sweep_layout_and_causality():
+    model = tiny("llama")
+    ids = ids_for()
+    sweep = measure.lambda_sweep(model, ids, 5, [0.0, 1.0, 3.0], applied=[0, 1], progress=False)
+    for mode in ("amplify", "norm"):
+        torch.testing.assert_close(sweep.curves[mode][:, 1], sweep.baseline.expand(2, 3))  # lambda = 1: unchanged
+        # an edit at layer l (after its attention) cannot change attention in layers <= l
+        torch.testing.assert_close(sweep.curves[mode][1, 1:, :2], sweep.baseline[:2].expand(2, 2))
+    assert sweep.curves["norm"][:, 0].isnan().all()  # the control is undefined below 1
+    with interventions.amplify_variance(model, 5, 3.0, 0):
+        direct = measure.attention_to(model, ids, 5).mean(-1)
+    torch.testing.assert_close(sweep.curves["amplify"][0, 2], direct)
+    torch.testing.assert_close(sweep.summary("amplify", 0), sweep.curves["amplify"][0, :, 1:].mean(-1))
+    with pytest.raises(ValueError, match="layer 2 cannot be edited usefully.*choose 0..1"):
+        measure.lambda_sweep(model, ids, 5, [2.0], applied=[2])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        measure.lambda_sweep(model, ids, 5, [-2.0], applied=[0])
+    with pytest.raises(ValueError, match="choose k in 1..15"):
+        measure.lambda_sweep(model, ids, 16, [2.0], applied=[0])
+
+
+# --- the embedded default model: every chapter claim has the paper's direction ------------------------------
+
+EMBEDDED = models.CHECKPOINTS / models.EMBEDDED[models.DEFAULT] / "config.json"
+needs_embedded = pytest.mark.skipif(not EMBEDDED.exists(),
+                                    reason=f"the embedded default model is not built yet ({EMBEDDED} missing)")
+
+
+def chapter_parameters(chapter: str) -> dict:
+    """The chapter's parameters cell, then the cpu profile's overrides: what the book runs."""
+    nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    values: dict = {}
+    exec(cell.source, {}, values)
+    return values | book.parameters("cpu", chapter)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return models.load(models.DEFAULT, device="cpu")
+
+
+def chapter_batches(model, tokenizer, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real-text and random-token batches a chapter builds from its parameters."""
+    from sinkutils import data
+
+    _, paragraphs = data.texts(p["text_source"])
+    ids = data.token_batch(tokenizer, paragraphs, n=p["n_texts"], length=p["seq_len"], seed=p["seed"])
+    random_ids = data.random_token_batch(model.config.vocab_size, n=p["n_texts"], length=p["seq_len"],
+                                         bos_id=tokenizer.bos_token_id, seed=p["seed"])
+    return ids, random_ids
+
+
+@needs_embedded
+def test_embedded_token_0_variance_above_later_positions_and_decaying(embedded):
+    model, tokenizer = embedded
+    p = chapter_parameters("02_variance")
+    for batch in chapter_batches(model, tokenizer, p):
+        prof = measure.variance_profile(model, batch, batch_size=p["batch_size"])
+        assert prof.first_to_rest()[p["layer"]] > 1
+        assert prof.decay_slope()[p["layer"]] < 0
+
+
+@needs_embedded
+def test_embedded_mask_makes_k_a_sink(embedded):
+    model, tokenizer = embedded
+    p = chapter_parameters("03_interventions")
+    ids, _ = chapter_batches(model, tokenizer, p)
+    effect = measure.mask_effect(model, ids, p["k"], batch_size=p["batch_size"], progress=False)
+    assert effect.mean("after") > 1.05 * effect.mean("before")  # the chapter's "a change under 5% counts as none"
+
+
+@needs_embedded
+def test_embedded_attention_to_k_rises_with_lambda_and_the_norm_control_does_not(embedded):
+    model, tokenizer = embedded
+    p = chapter_parameters("03_interventions")
+    ids, _ = chapter_batches(model, tokenizer, p)
+    sweep = measure.lambda_sweep(model, ids[:p["n_sweep"]], p["k"], p["lambdas"], [p["amplify_layer"]],
+                                 batch_size=p["batch_size"], progress=False)
+    gain_amp, gain_ctrl = sweep.gains(p["amplify_layer"])
+    assert gain_amp > 1.05  # the chapter's "a change under 5% counts as none"
+    assert gain_amp - 1 > 2 * max(gain_ctrl - 1, 0)  # the control rises less than half as much
