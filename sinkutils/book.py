@@ -73,7 +73,7 @@ def stage(root: Path = ROOT) -> Path:
 
 def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
     """Jupyter Book v1 over the staged sources; warnings are errors so a broken page fails the build."""
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(stage_dir), "--path-output", str(root), "-W",
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage_dir), "--path-output", str(root), "-W",
            "--keep-going", "--all"]
     subprocess.run(cmd, check=True)
     return root / "_build" / "html"
