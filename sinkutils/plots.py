@@ -53,18 +53,8 @@ def heatmap(matrix: torch.Tensor, title: str = "", xlabel: str = "key position",
 def per_layer(series: dict[str, torch.Tensor], ylabel: str, title: str = "", logy: bool = False,
               ylim: tuple | None = None) -> plt.Figure:
     """Several per-layer curves on one axis (Fig 2, 11, 14, 15: one line per model or token group)."""
-    fig, ax = _fig()
-    for name, values in series.items():
-        ax.plot(range(len(values)), torch.as_tensor(values).float(), "o-", label=name,
-                color=COLORS.get(name))
-    ax.set(xlabel="layer", ylabel=ylabel, title=title)
-    if logy:
-        ax.set_yscale("log")
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    n = max(len(v) for v in series.values())
+    return lines(range(n), series, xlabel="layer", ylabel=ylabel, title=title, logy=logy, ylim=ylim)
 
 
 def bars(values: torch.Tensor, ylabel: str, xlabel: str, title: str = "", highlight: list[int] = (),

@@ -88,8 +88,9 @@ class TrainConfig:
 
     def run_fields(self) -> dict:
         """What decides the weights and the log: a resume must match all of it. Free to change between
-        resumes: where output goes, threads, device, and how often to evaluate or checkpoint."""
-        free = ("out_dir", "threads", "device", "eval_every", "ckpt_every")
+        resumes: where output goes, threads, device, and how often to evaluate or checkpoint; the data folder
+        may move, its token streams are compared by content (``data_fingerprint``)."""
+        free = ("out_dir", "data_dir", "threads", "device", "eval_every", "ckpt_every")  # data: by content
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
@@ -218,6 +219,13 @@ def evaluate(model, val: torch.Tensor, cfg: TrainConfig, bos_id: int, vocab_size
             "sink_per_layer": torch.stack(sink).mean(0).tolist()}
 
 
+def data_fingerprint(data_dir: str) -> str:
+    """sha256 of a prepared data folder's token streams: a resume must train on the very same tokens."""
+    import hashlib
+
+    return hashlib.sha256((Path(data_dir) / "tokens.safetensors").read_bytes()).hexdigest()
+
+
 def _save(model, opt, cfg: TrainConfig, step: int, log: list, seconds: float, out: Path) -> None:
     """Write to a temporary folder, then swap, so a crash mid-save never leaves a broken checkpoint."""
     tmp = out / "checkpoint.tmp"
@@ -229,7 +237,8 @@ def _save(model, opt, cfg: TrainConfig, step: int, log: list, seconds: float, ou
     opt_tensors, opt_meta = _flatten_optimizer(opt)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg),
-                                                "optimizer": opt_meta, "log": log, "seconds": seconds}, indent=1))
+                                                "optimizer": opt_meta, "log": log, "seconds": seconds,
+                                                "data_sha256": data_fingerprint(cfg.data_dir)}, indent=1))
     final, old = out / "checkpoint", out / "checkpoint.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)  # left by a crash after the last swap
@@ -291,6 +300,9 @@ def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
         raise ValueError(f"{ckpt.parent} holds a different run; (saved, asked) for each field that differs: {diff}. "
                          f"Use another --out-dir, or the saved values to resume.")
+    if saved.get("data_sha256", data_fingerprint(cfg.data_dir)) != data_fingerprint(cfg.data_dir):
+        raise ValueError(f"{ckpt.parent} was trained on other token streams than {cfg.data_dir}/tokens.safetensors; "
+                         f"rebuild the data with the same `prepare` (same packages and vocab size) or use another --out-dir")
     missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")

@@ -93,6 +93,20 @@ def test_resume_into_another_runs_folder_is_refused(data_dir, tmp_path):
     assert train.train(tiny_cfg(data_dir, tmp_path, steps=4, eval_every=2, threads=0))["log"][-1]["step"] == 4
 
 
+def test_data_folder_may_move_but_not_change(data_dir, tmp_path):
+    import shutil
+
+    train.train(tiny_cfg(data_dir, tmp_path / "run", steps=4), stop_after=2)
+    moved = shutil.copytree(data_dir, tmp_path / "moved")  # same tokens, another place: resumes
+    assert train.train(tiny_cfg(str(moved), tmp_path / "run", steps=4))["log"][-1]["step"] == 4
+    other = shutil.copytree(data_dir, tmp_path / "other")
+    streams = load_file(other / "tokens.safetensors")
+    save_file({"train": streams["train"].flip(0).contiguous(), "val": streams["val"]}, other / "tokens.safetensors")
+    train.train(tiny_cfg(data_dir, tmp_path / "run2", steps=4), stop_after=2)
+    with pytest.raises(ValueError, match="other token streams"):
+        train.train(tiny_cfg(str(other), tmp_path / "run2", steps=4))
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("variant", "softmax1", "choose one of .*headwise_rmsnorm"),
     ("n_head", 3, "n_head=3 must divide d_model=32"),
