@@ -62,3 +62,44 @@ def layer_output(output) -> torch.Tensor:
 def align_mask(mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
     """On 4.48-4.52 the float mask can be one longer than the keys."""
     return None if mask is None else mask[..., :kv_len]
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                       chunk: int = 256, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention output and its log-partition (B, H, T), from a fused kernel when torch exposes one.
+
+    The fused kernels compute the log-sum-exp anyway but the public SDPA drops it; their names are private
+    and move between torch versions, so they are reached only here, with an exact chunked fallback (memory
+    of one (chunk x S) block per head) for devices or versions without them.
+    """
+    try:
+        if not fused:
+            raise RuntimeError("fallback asked for")
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[:2]
+            return out, lse
+        if q.device.type == "cuda":
+            bias = None if attn_mask is None else (
+                torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype))
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, 0.0, is_causal, scale=scale)[:2]
+            return out, lse[..., :q.shape[2]]
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    T, S = q.shape[2], k.shape[2]
+    outs, lses = [], []
+    for start in range(0, T, chunk):
+        qc = q[:, :, start:start + chunk]
+        s = (qc @ k.transpose(-1, -2)) * scale
+        if is_causal:
+            rows = torch.arange(start, start + qc.shape[2], device=q.device)[:, None]
+            s = s.masked_fill(rows < torch.arange(S, device=q.device)[None, :], float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask[..., start:start + chunk, :]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        lses.append(s.logsumexp(-1))
+        outs.append(s.softmax(-1) @ v)
+    return torch.cat(outs, 2), torch.cat(lses, 2)

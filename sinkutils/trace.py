@@ -14,9 +14,9 @@ Quantities (raw Hugging Face numbers, no weight folding):
 - ``resid``         residual stream: index 0 is the embedding output, index l+1 the output of layer l
 - ``mlp.act``       FFN hidden activations act(gate) * up, the input of ``down_proj``
 
-Sink and entropy never build a (T x T) matrix: one extra fused SDPA call per layer uses as values a
-one-hot of the sink key (giving its weight p_s) and the keys themselves (giving E_p[k]); with the sink's
-logit s_s, the log-partition is log Z = s_s - log p_s and the entropy is log Z - scale * q . E_p[k].
+Sink and entropy never build a (T x T) matrix: one extra fused attention pass per layer uses the keys as
+values, giving E_p[k] and the log-partition log Z (``compat.attention_with_lse``). With the sink's logit
+s_s, its weight is p_s = exp(s_s - log Z) and the entropy is log Z - scale * q . E_p[k].
 """
 from __future__ import annotations
 
@@ -24,14 +24,12 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from sinkutils import compat
 
 ATTN_NAME = "sinkbook"
 QUANTITIES = ("attn.sink", "attn.entropy", "attn.pattern", "attn.head_out", "resid", "mlp.act")
 _ATTENTION_STATS = ("attn.sink", "attn.entropy", "attn.pattern")
-_MIN_PROB = 1e-30  # below this the log-partition from p_s loses precision: fall back to an exact row
 
 
 class Recorder:
@@ -88,38 +86,48 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(n_heads // x.shape[1], dim=1) if x.shape[1] != n_heads else x
 
 
+def _mask_column(mask: torch.Tensor | None, q_len: int, kv_len: int, index: int, device) -> torch.Tensor:
+    """Additive mask values of one key column, (..., T): enough for the sink logit, no (T x S) needed."""
+    mask = compat.align_mask(mask, kv_len)
+    if mask is None:
+        visible = torch.arange(kv_len - q_len, kv_len, device=device) >= index
+        return torch.zeros(q_len, device=device).masked_fill(~visible, float("-inf"))
+    col = mask[..., index]
+    if col.dtype == torch.bool:
+        return torch.zeros(col.shape, device=device).masked_fill(~col, float("-inf"))
+    return col.float()
+
+
+def _sdpa_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> dict:
+    """SDPA arguments for the mask: plain causal uses ``is_causal`` (the fused kernel, no T x S matrix)."""
+    mask = compat.align_mask(mask, kv_len)
+    if mask is None:
+        return {"is_causal": True} if q_len == kv_len else {"attn_mask": _causal_bool(q_len, kv_len, device)}
+    return {"attn_mask": mask if mask.dtype == torch.bool else mask.float()}
+
+
 def attention_stats(query, key, mask, scaling: float, sink_index: int, want: tuple[str, ...]) -> dict:
     """Sink weight, entropy and/or full pattern for one layer, from post-RoPE q (B,H,T,D) and k (B,Hkv,S,D)."""
     B, H, T, D = query.shape
     S = key.shape[2]
-    key = _expand_kv(key, H)
-    add = as_additive(mask, T, S, torch.float32, query.device)
     out: dict[str, torch.Tensor] = {}
     if "attn.pattern" in want:
-        scores = (query.float() @ key.float().transpose(-1, -2)) * scaling + add
+        k = _expand_kv(key, H).float()
+        scores = (query.float() @ k.transpose(-1, -2)) * scaling + as_additive(mask, T, S, torch.float32,
+                                                                                query.device)
         out["attn.pattern"] = scores.softmax(-1)
     if not {"attn.sink", "attn.entropy"} & set(want):
         return out
     if not 0 <= sink_index < S:
         raise ValueError(f"sink_index {sink_index} is outside the {S} keys of this forward pass")
-    q, k = query.float(), key.float()
-    onehot = torch.zeros(B, H, S, 1, device=q.device)
-    onehot[:, :, sink_index] = 1.0
-    values = torch.cat([onehot, k], dim=-1) if "attn.entropy" in want else onehot
-    agg = F.scaled_dot_product_attention(q, k, values, attn_mask=add.expand(B, H, T, S), scale=scaling)
-    p_sink = agg[..., 0]
+    # one fused pass with the keys as values: E_p[k] and the log-partition log Z give everything.
+    q, k = query.float(), _expand_kv(key, H).float()
+    expected_k, log_z = compat.attention_with_lse(q, k, k, scaling, **_sdpa_mask(mask, T, S, q.device))
+    s_sink = (q * k[:, :, sink_index, None, :]).sum(-1) * scaling + _mask_column(mask, T, S, sink_index, q.device)
     if "attn.sink" in want:
-        out["attn.sink"] = p_sink
+        out["attn.sink"] = torch.exp(s_sink - log_z)
     if "attn.entropy" in want:
-        s_sink = (q * k[:, :, sink_index, None, :]).sum(-1) * scaling + add[..., sink_index].expand(B, H, T)
-        log_z = s_sink - torch.log(p_sink.clamp_min(_MIN_PROB))
-        entropy = log_z - scaling * (q * agg[..., 1:]).sum(-1)
-        low = p_sink < _MIN_PROB
-        if low.any():  # rare: recompute those rows exactly
-            b, h, t = low.nonzero(as_tuple=True)
-            rows = (q[b, h, t, None, :] * k[b, h]).sum(-1) * scaling + add.expand(B, H, T, S)[b, h, t]
-            entropy[b, h, t] = -(rows.softmax(-1) * rows.log_softmax(-1).nan_to_num(0.0)).sum(-1)
-        out["attn.entropy"] = entropy
+        out["attn.entropy"] = log_z - scaling * (q * expected_k).sum(-1)
     return out
 
 

@@ -128,3 +128,21 @@ def test_bad_requests_name_the_valid_choices():
         pass
     with pytest.raises(KeyError, match="was not recorded"):
         rec["attn.sink"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_log_partition_matches_chunked_reference(causal):
+    from sinkutils import compat
+
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 3, 70, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)
+    mask = None if causal else torch.rand(2, 1, 70, 70, generator=g) > 0.3
+    if mask is not None:
+        mask[..., 0] = True  # every query sees at least one key
+    fused = compat.attention_with_lse(q, k, k, 0.25, attn_mask=mask, is_causal=causal)
+    exact = compat.attention_with_lse(q, k, k, 0.25, attn_mask=mask, is_causal=causal, chunk=16, fused=False)
+    scores = (q @ k.transpose(-1, -2)) * 0.25
+    scores = scores.masked_fill(~(torch.ones(70, 70, dtype=torch.bool).tril() if causal else mask), float("-inf"))
+    torch.testing.assert_close(exact[1], scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], exact[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[0], exact[0], atol=1e-5, rtol=1e-5)
