@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sinkutils import compat, metrics, structure, trace
+from tests.departures import departs
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "sinkutils" / "checkpoints" / "sinkbook-tiny" / "config.json"
 D_MODEL, HEAD_DIM = 64, 16
@@ -225,6 +226,8 @@ def test_embedded_token_0_dominance_rises_sharply_in_an_early_layer(embedded):
     assert profile.first_dominance[l + 1] > 3 * profile.later_dominance[l + 1]
 
 
+@departs("across heads, |cos(sink key, W_Q principal direction)| does not correlate with the share of "
+         "positive logits toward token 0 (Kendall tau about -0.04)")
 def test_embedded_alignment_correlates_with_positivity_across_heads(embedded):
     model, ids, profile = embedded
     qk_layer = min(profile.disparity_layer + 1, len(model.model.layers) - 1)
