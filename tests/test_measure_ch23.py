@@ -144,7 +144,7 @@ def chapter_batches(model, tokenizer, p: dict) -> tuple[torch.Tensor, torch.Tens
 
 
 @departs("token 0's per-head attention output has a LOWER dimension-wise variance than later tokens' "
-         "(about 0.35x at the chapter's layer): the trained model shrinks token 0's value (a value drain)")
+         "at the chapter's layer: the trained model shrinks token 0's value (a value drain); chapter 2 prints it")
 @needs_embedded
 def test_embedded_token_0_variance_above_later_positions_and_decaying(embedded):
     model, tokenizer = embedded
@@ -155,7 +155,7 @@ def test_embedded_token_0_variance_above_later_positions_and_decaying(embedded):
         assert prof.decay_slope()[p["layer"]] < 0
 
 
-@departs("blocking aggregation at k does not draw attention to k (mean attention to k 0.012 -> 0.010)")
+@departs("blocking aggregation at k does not draw more attention to k; chapter 3 prints the measurement")
 @needs_embedded
 def test_embedded_mask_makes_k_a_sink(embedded):
     model, tokenizer = embedded
@@ -165,7 +165,7 @@ def test_embedded_mask_makes_k_a_sink(embedded):
     assert effect.mean("after") > 1.05 * effect.mean("before")  # the chapter's "a change under 5% counts as none"
 
 
-@departs("amplifying token k's head-output variance does not raise the attention k receives (gain 0.89)")
+@departs("amplifying token k's head-output variance does not raise the attention k receives; chapter 3 prints it")
 @needs_embedded
 def test_embedded_attention_to_k_rises_with_lambda_and_the_norm_control_does_not(embedded):
     model, tokenizer = embedded
