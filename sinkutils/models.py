@@ -93,6 +93,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
          trust_remote_code: bool = False):
     """(model, tokenizer) ready for ``trace``: eval mode, the sinkbook attention, on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from sinkutils import variants
 
@@ -105,6 +106,8 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             raise UnsupportedArchitecture(f"cannot instrument model_type {config.model_type!r}; "
                                           f"supported families: {FAMILIES} (Llama-like decoders)")
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if local:  # a local load is quick; its progress bar would only clutter the book's pages
+            hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, attn_implementation=trace.ATTN_NAME, use_safetensors=True,
             trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
@@ -115,6 +118,8 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             f"could not load {source!r} from the hub ({type(err).__name__}); offline you can use the embedded "
             f"defaults {sorted(EMBEDDED)} or a local folder saved with save_pretrained. Gated models "
             f"(Llama) also need `huggingface-cli login`.") from err
+    finally:
+        hf_logging.enable_progress_bar()
     check_architecture(model)
     variants.attach(model, source)
     return model.to(device).eval(), tokenizer
