@@ -9,6 +9,7 @@ clean); executed copies keep their outputs and widget state and are what Jupyter
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    # progress bars help someone waiting at a live kernel; on the static page they would be dead widgets
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
     try:
         papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out_dir / f"{chapter}.ipynb"),
                                    parameters=parameters(profile, chapter, root), kernel_name="python3",
@@ -55,6 +59,11 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
         first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
         raise ChapterFailed(f"chapter {chapter} failed in the cell starting {first_line!r}: "
                             f"{err.ename}: {err.evalue}") from err
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     return time.time() - start
 
 
@@ -79,7 +88,8 @@ def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
     return root / "_build" / "html"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Execute (and build); prints and returns seconds per chapter, for the HTML build, and in total."""
     p = argparse.ArgumentParser(prog="python -m sinkutils.book", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="cpu")
@@ -99,8 +109,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(str(err)) from None
         tqdm.write(f"{name}: {timings[name]:.1f} s")
     if not args.no_html:
+        start = time.time()
         print(f"site: {build_html(stage_dir)}")
+        timings["html build"] = time.time() - start
+    timings["total"] = sum(timings.values())
     print("\n".join(f"{k:24s} {v:7.1f} s" for k, v in timings.items()))
+    return timings
 
 
 if __name__ == "__main__":

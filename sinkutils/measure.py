@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +14,13 @@ def _batches(ids: torch.Tensor, batch_size: int, desc: str):
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
     chunks = ids.split(batch_size)
-    return tqdm(chunks, desc=desc, leave=False, disable=len(chunks) == 1)
+    return _progress(chunks, desc, quiet=len(chunks) == 1)
+
+
+def _progress(items, desc: str, quiet: bool = False):
+    """tqdm over ``items``, off when ``quiet`` or when TQDM_DISABLE=1 (``book.execute`` sets it: on the static
+    page a progress bar is a dead widget). tqdm's notebook bar ignores that variable, hence the check here."""
+    return tqdm(items, desc=desc, leave=False, disable=quiet or os.environ.get("TQDM_DISABLE") == "1")
 
 
 @dataclasses.dataclass
@@ -305,7 +312,7 @@ def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied
         curves[mode][:, [j for j, lam in enumerate(lambdas) if lam == 1.0]] = base
     runs = [(i, layer, j, lam, mode) for i, layer in enumerate(applied) for j, lam in enumerate(lambdas)
             for mode in interventions.INTERVENTIONS if lam != 1.0 and not (mode == "norm" and lam < 1)]
-    for i, layer, j, lam, mode in tqdm(runs, desc="lambda sweep", leave=False, disable=not progress):
+    for i, layer, j, lam, mode in _progress(runs, "lambda sweep", quiet=not progress):
         with interventions.INTERVENTIONS[mode](model, k, lam, layer):
             curves[mode][i, j] = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
     return LambdaSweep(k=k, lambdas=lambdas, applied=list(applied), curves=curves, baseline=base)

@@ -22,6 +22,8 @@ def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
     captions = [c for c in nb.cells if c.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")]
     assert images, f"{chapter} produced no figure"
     assert len(captions) >= 1
+    for cell in captions:  # the caption must wrap the figure, not a progress bar or a repr
+        assert cell.outputs and "image/png" in cell.outputs[0].get("data", {}), (chapter, cell.source[:80])
     assert seconds < 120, f"{chapter} took {seconds:.0f} s under the cpu profile"
 
 
