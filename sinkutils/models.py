@@ -15,7 +15,10 @@ from sinkutils import compat, trace
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 #: short name -> folder under ``CHECKPOINTS`` (trained by ``sinkutils.train``; see each MODEL_CARD.md)
-EMBEDDED = {"sinkbook-tiny": "sinkbook-tiny"}
+EMBEDDED = {"sinkbook-tiny": "sinkbook-tiny",  # the analysis default; also the baseline of chapter 6
+            # chapter 6's comparison: sinkbook-tiny's recipe with another attention variant
+            "sinkbook-tiny-sigmoid": "sinkbook-tiny-sigmoid", "sinkbook-tiny-headwise": "sinkbook-tiny-headwise",
+            "sinkbook-tiny-gated": "sinkbook-tiny-gated"}
 DEFAULT = "sinkbook-tiny"
 #: short name -> hub id, the models the GPU profile and the paper use
 HUB = {

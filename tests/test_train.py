@@ -37,6 +37,8 @@ def data_dir(tmp_path_factory) -> str:
     tokenizer.save_pretrained(out / "tokenizer")
     save_file({"train": train._stream(tokenizer, _texts(300, 0)), "val": train._stream(tokenizer, _texts(60, 1))},
               out / "tokens.safetensors")
+    (out / "corpus.json").write_text(json.dumps({"train": "generated sentences", "val": "generated sentences",
+                                                 "train_docs": 300, "environment": "tests"}))
     return str(out)
 
 

@@ -1,0 +1,122 @@
+"""Chapter 6: head imbalance equals eager attention's numbers; retraining configs copy the shipped recipe and
+refuse bad settings; retraining produces loadable models; the four shipped models share one recipe and show
+the measured direction of each effect (departures from the paper are strict expected failures)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sinkutils import comparison, data, metrics, models, train
+from tests.departures import departs
+from tests.test_trace import eager_reference, tiny
+from tests.test_train import data_dir  # noqa: F401  (fixture: a tiny prepared corpus)
+
+
+def test_head_imbalance_matches_eager_attention():
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    got = comparison.head_imbalance(model, ids, min_query=4, batch_size=2)
+    ref = eager_reference(model, ids)
+    maps = torch.stack(ref.attentions)[..., 4:, :]  # (L, B, H, T-4, S)
+    entropy = -(maps * maps.clamp_min(1e-45).log()).sum(-1).mean(-1).mean(1)
+    torch.testing.assert_close(got.entropy, entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.sink, maps[..., 0].mean(-1).mean(1), atol=1e-5, rtol=1e-4)
+    outputs = []  # what enters W_O, captured by hand
+    hooks = [b.self_attn.o_proj.register_forward_pre_hook(lambda m, a: outputs.append(a[0])) for b in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    o = torch.stack(outputs).unflatten(-1, (4, 16))[:, :, 4:]  # (L, B, T-4, H, D)
+    variance = o.var(-1, unbiased=False).mean(2).mean(1)
+    torch.testing.assert_close(got.variance, variance, atol=1e-6, rtol=1e-4)
+    assert got.tau().shape == (3,) and (got.spread() >= 1).all()
+
+
+def test_head_imbalance_refuses_sequences_without_queries():
+    with pytest.raises(ValueError, match="min_query=4"):
+        comparison.head_imbalance(tiny("llama"), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_steps_to_reach_is_the_first_evaluation_at_or_below():
+    log = [{"step": 10, "val_loss": 3.0}, {"step": 20, "val_loss": 2.5}, {"step": 30, "val_loss": 2.6}]
+    assert comparison.steps_to_reach(log, 2.5) == 20
+    assert comparison.steps_to_reach(log, 2.0) is None
+
+
+def test_retrain_configs_copy_the_shipped_recipe(tmp_path):
+    shipped, stopped = comparison.recipe()
+    cfgs = comparison.retrain_configs(tmp_path, "DATA", overrides={"steps": 40})
+    assert list(cfgs) == list(comparison.SHIPPED)
+    for variant, cfg in cfgs.items():
+        fields = dataclasses.asdict(cfg)
+        assert fields["variant"] == variant and fields["out_dir"] == str(tmp_path / variant)
+        assert {k: fields[k] for k in shipped if k != "steps"} == {k: v for k, v in shipped.items() if k != "steps"}
+        assert cfg.steps == 40
+    assert comparison.stop_step({"steps": 40}) == 40
+    assert comparison.stop_step({}) == stopped
+    assert comparison.stop_step({"stop_after": 7}) == 7
+
+
+@pytest.mark.parametrize("overrides, variants, message", [
+    ({"lr": -1.0}, None, "lr must be positive"),
+    ({"n_head": 7}, None, "n_head=7 must divide d_model=128"),
+    ({"learning_rate": 1e-3}, None, "unknown training settings \\['learning_rate'\\]"),
+    ({}, ["softmax1"], "unknown variants \\['softmax1'\\]; choose from"),
+])
+def test_retrain_configs_refuse_bad_settings(tmp_path, overrides, variants, message):
+    with pytest.raises(ValueError, match=message):
+        comparison.retrain_configs(tmp_path, "DATA", variants=variants, overrides=overrides)
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_retrain_trains_and_exports_loadable_variants(data_dir, tmp_path):  # noqa: F811
+    small = dict(n_layer=1, d_model=32, n_head=4, n_kv_head=4, d_ff=64, seq_len=32, batch_size=4, steps=6,
+                 warmup=2, eval_every=3, eval_batches=1, ckpt_every=100, threads=1, device="cpu")
+    cfgs = comparison.retrain_configs(tmp_path, data_dir, variants=["baseline", "headwise_rmsnorm"], overrides=small)
+    assert comparison.seconds_per_step(cfgs["baseline"], 160, probe_steps=1) > 0
+    out = comparison.retrain(tmp_path, cfgs, stop_after=6, vocab_size=160)
+    ids = torch.randint(4, 160, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    for variant, folder in out.items():
+        profile = comparison.variant_profile(str(folder), ids)
+        assert profile.variant == variant
+        assert [r["step"] for r in profile.log] == [3, 6]
+        assert profile.attention_to_first.shape == (1,) and profile.first_dominance.shape == (2,)
+        assert profile.output_variance.shape == (1, 16)
+
+
+# --- the four shipped comparison models -------------------------------------------------------------------
+
+shipped = pytest.mark.skipif(not all((models.CHECKPOINTS / models.EMBEDDED[n] / "config.json").exists()
+                                     for n in comparison.SHIPPED.values()),
+                             reason="the chapter-6 comparison models are not all shipped")
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    model, tok = models.load("sinkbook-tiny", device="cpu")
+    ids = data.token_batch(tok, data.python_docs(), n=32, length=128, seed=0)
+    return {v: comparison.variant_profile(name, ids) for v, name in comparison.SHIPPED.items()}
+
+
+@shipped
+def test_the_four_models_share_one_recipe():
+    saved = {v: json.loads((models.CHECKPOINTS / models.EMBEDDED[n] / "training.json").read_text())
+             for v, n in comparison.SHIPPED.items()}
+    free = ("data_dir", "out_dir", "threads", "device", "variant")
+    recipes = {v: {k: x for k, x in s["config"].items() if k not in free} for v, s in saved.items()}
+    assert all(r == recipes["baseline"] for r in recipes.values())
+    assert len({s["metrics"]["step"] for s in saved.values()}) == 1
+    assert {v: s["config"]["variant"] for v, s in saved.items()} == {v: v for v in saved}
+    assert all([r["step"] for r in s["log"]] == [r["step"] for r in saved["baseline"]["log"]] for s in saved.values())
+
+
+def test_head_imbalance_on_the_default_model():
+    model, tok = models.load("sinkbook-tiny", device="cpu")
+    ids = data.token_batch(tok, data.python_docs(), n=32, length=128, seed=0)
+    hi = comparison.head_imbalance(model, ids)
+    tau = float(metrics.kendall_tau(hi.entropy.flatten(), hi.variance.flatten()))
+    assert tau < -2 * metrics.kendall_null_sd(hi.entropy.numel()), tau  # measured: -0.44 over 48 heads
+    assert (hi.tau() < 0).sum() >= 4  # measured: 5 of 6 layers
