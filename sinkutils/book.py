@@ -41,8 +41,10 @@ def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
     return dict(spec.get("defaults", {})) | dict((spec.get("chapters") or {}).get(chapter) or {})
 
 
-def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800) -> float:
-    """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed."""
+def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,
+            overrides: dict | None = None) -> float:
+    """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed.
+    ``overrides`` replace the profile's parameters (``--param`` on the command line)."""
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +54,7 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
     try:
         papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out_dir / f"{chapter}.ipynb"),
-                                   parameters=parameters(profile, chapter, root), kernel_name="python3",
+                                   parameters=parameters(profile, chapter, root) | dict(overrides or {}), kernel_name="python3",
                                    cwd=str(root), progress_bar=False, execution_timeout=timeout,
                                    request_save_on_cell_execute=False)
     except papermill.PapermillExecutionError as err:
@@ -95,7 +97,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--profile", default="cpu")
     p.add_argument("--only", nargs="*", help="chapter names, e.g. 01_sink (default: all)")
     p.add_argument("--no-html", action="store_true", help="execute only")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=YAML",
+                   help="override a parameter in every chapter, e.g. --param model_name=smollm-135m "
+                        "--param 'compare_models=[]' (the value is read as YAML)")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
+        overrides[name] = yaml.safe_load(value)
     names = args.only or chapters()
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     timings = {}
     for name in tqdm(names, desc=f"chapters ({args.profile})"):
         try:
-            timings[name] = execute(name, args.profile, stage_dir / "chapters")
+            timings[name] = execute(name, args.profile, stage_dir / "chapters", overrides=overrides)
         except ChapterFailed as err:
             raise SystemExit(str(err)) from None
         tqdm.write(f"{name}: {timings[name]:.1f} s")

@@ -54,3 +54,18 @@ def test_failing_cell_names_chapter_and_cell(tmp_path, monkeypatch):
 def test_unknown_profile_lists_choices():
     with pytest.raises(ValueError, match="cpu"):
         book.parameters("tpu", "01_sink")
+
+
+def test_overrides_replace_profile_parameters(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1\ny = 'a'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print(x, y)")]
+    root = tmp_path / "root"
+    (root / "chapters").mkdir(parents=True)
+    (root / "profiles").mkdir()
+    nbformat.write(nb, root / "chapters" / "99_params.ipynb")
+    (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"x": 2, "y": "profile"}}))
+    book.execute("99_params", "cpu", tmp_path / "out", root=root, overrides={"x": [3]})
+    out = nbformat.read(tmp_path / "out" / "99_params.ipynb", as_version=4)
+    assert out.cells[-1].outputs[0]["text"] == "[3] profile\n"
