@@ -170,8 +170,18 @@ def ffn_norms(model, layer: int, z_threshold: float = 8.0) -> FFNNorms:
     s_n = ||W_gate[n]|| * ||W_up[n]|| (the gain of SwiGLU for an input aligned with both rows) has a robust
     z-score (median / MAD) above ``z_threshold``: a handful of outliers, never a fixed count."""
     mlp = trace.decoder_layers(model)[models.check_layer(model, layer)].mlp
-    gate = mlp.gate_proj.weight.detach().float().norm(dim=1).cpu()
-    up = mlp.up_proj.weight.detach().float().norm(dim=1).cpu()
+    return ffn_norms_of(mlp.gate_proj.weight, mlp.up_proj.weight, layer, z_threshold)
+
+
+def ffn_norms_of(gate_weight: torch.Tensor, up_weight: torch.Tensor, layer: int = -1,
+                 z_threshold: float = 8.0) -> FFNNorms:
+    """``ffn_norms`` from the weight matrices themselves, (F, d) in nn.Linear layout (row n = neuron n): the
+    rule of Fig 8 without a model (the chapter-4 assignment checks against it)."""
+    if gate_weight.dim() != 2 or gate_weight.shape != up_weight.shape:
+        raise ValueError(f"need W_gate and W_up of one shape (F, d), got {tuple(gate_weight.shape)} and "
+                         f"{tuple(up_weight.shape)}")
+    gate = gate_weight.detach().float().norm(dim=1).cpu()
+    up = up_weight.detach().float().norm(dim=1).cpu()
     score = gate * up
     return FFNNorms(layer=layer, gate=gate, up=up, score=score, z=metrics.robust_z(score), z_threshold=z_threshold)
 
