@@ -44,17 +44,20 @@ def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
 def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,
             overrides: dict | None = None) -> float:
     """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed.
-    ``overrides`` replace the profile's parameters (``--param`` on the command line)."""
+    ``overrides`` replace the profile's parameters that the chapter declares (``--param`` on the command line)."""
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    source = root / "chapters" / f"{chapter}.ipynb"
+    declared = papermill.inspect_notebook(str(source))  # an override the chapter lacks is simply not passed
+    overrides = {k: v for k, v in (overrides or {}).items() if k in declared}
     start = time.time()
     # progress bars help someone waiting at a live kernel; on the static page they would be dead widgets
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
     try:
-        papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out_dir / f"{chapter}.ipynb"),
-                                   parameters=parameters(profile, chapter, root) | dict(overrides or {}), kernel_name="python3",
+        papermill.execute_notebook(str(source), str(out_dir / f"{chapter}.ipynb"),
+                                   parameters=parameters(profile, chapter, root) | overrides, kernel_name="python3",
                                    cwd=str(root), progress_bar=False, execution_timeout=timeout,
                                    request_save_on_cell_execute=False)
     except papermill.PapermillExecutionError as err:

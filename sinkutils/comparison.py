@@ -97,12 +97,14 @@ def training_log(name_or_dir: str) -> list[dict]:
 
 
 @torch.no_grad()
-def variant_profile(name: str, ids: torch.Tensor, model=None, batch_size: int = 8) -> VariantProfile:
-    """Measure the comparison figures on model ``name`` (loaded unless ``model`` is given)."""
-    from sinkutils import variants
+def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed: int = 0,
+                    batch_size: int = 8) -> VariantProfile:
+    """Measure the comparison figures on model ``name``, on ``n`` sequences of ``length`` tokens cut from
+    ``paragraphs`` with the model's own tokenizer (retrained models may have another vocabulary)."""
+    from sinkutils import data, variants
 
-    if model is None:
-        model, _ = models.load(name)
+    model, tokenizer = models.load(name)
+    ids = data.token_batch(tokenizer, paragraphs, n=n, length=length, seed=seed)
     sink = measure.sink_profile(model, ids, batch_size=batch_size)
     resid = structure.residual_profile(model, ids, batch_size=batch_size)
     out_var = measure.position_variance(model, ids, batch_size=batch_size).mean(1)  # (L, T)

@@ -66,6 +66,7 @@ def test_overrides_replace_profile_parameters(tmp_path):
     (root / "profiles").mkdir()
     nbformat.write(nb, root / "chapters" / "99_params.ipynb")
     (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"x": 2, "y": "profile"}}))
-    book.execute("99_params", "cpu", tmp_path / "out", root=root, overrides={"x": [3]})
+    book.execute("99_params", "cpu", tmp_path / "out", root=root, overrides={"x": [3], "z": 5})
     out = nbformat.read(tmp_path / "out" / "99_params.ipynb", as_version=4)
     assert out.cells[-1].outputs[0]["text"] == "[3] profile\n"
+    assert "z = 5" not in out.cells[1].source  # not a parameter of this chapter: not injected
