@@ -428,6 +428,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["config"].items()
                      if k not in ("data_dir", "out_dir", "threads", "device") and v != defaults[k])
     vocab = len(tokenizer)
+    stop = f" --stop-after {saved['step']}" if saved["step"] < cfg.steps else ""
     (dest / "MODEL_CARD.md").write_text(f"""# {name}
 
 A {cfg.n_layer}-layer Llama ({cfg.d_model} wide, {cfg.n_head} heads, SwiGLU FFN of {cfg.d_ff}, RoPE, RMSNorm,
@@ -447,7 +448,7 @@ Regenerate:
 
 ```bash
 python -m sinkutils.train prepare --data-dir DATA --vocab-size {vocab}
-python -m sinkutils.train run --data-dir DATA --out-dir RUN {flags}
+python -m sinkutils.train run --data-dir DATA --out-dir RUN {flags}{stop}
 python -m sinkutils.train ship --out-dir RUN --name {name}
 ```
 
@@ -480,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
             pr.add_argument(flag, default=f.default, choices=sorted(VARIANTS))
         else:
             pr.add_argument(flag, type=type(f.default), default=f.default)
+    pr.add_argument("--stop-after", type=int, default=None,
+                    help="end at this step (the schedule still spans --steps); rerun with a larger value to go on")
     ps = sub.add_parser("ship", help="make the latest checkpoint of --out-dir an embedded model")
     ps.add_argument("--out-dir", required=True)
     ps.add_argument("--name", required=True)
@@ -491,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "ship":
         print(ship(args["out_dir"], args["name"], notes=args["notes"]))
     else:
-        train(TrainConfig(**args))
+        stop_after = args.pop("stop_after")
+        train(TrainConfig(**args), stop_after=stop_after)
 
 
 if __name__ == "__main__":

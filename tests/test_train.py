@@ -181,6 +181,18 @@ def test_cli_help_lists_the_flags(capsys):
     assert "--variant" in text and "--out-dir" in text and "sigmoid" in text
 
 
+def test_cli_stop_after_then_ship_writes_the_command_that_regenerates_it(data_dir, tmp_path):
+    flags = ["--n-layer", "1", "--d-model", "32", "--n-head", "4", "--n-kv-head", "4", "--d-ff", "64", "--seq-len", "32",
+             "--batch-size", "4", "--steps", "8", "--warmup", "2", "--eval-every", "2", "--eval-batches", "1",
+             "--threads", "1", "--device", "cpu"]
+    train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), *flags, "--stop-after", "4"])
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and [r["step"] for r in state["log"]] == [2, 4]
+    dest = train.ship(str(tmp_path / "run"), "cli-model", dest_root=tmp_path / "shipped")
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "--steps 8" in card and "--stop-after 4" in card and "4 steps of 4 x 32 tokens" in card
+
+
 def test_torchrun_two_processes_follow_the_single_process_run(data_dir, tmp_path):
     """2 CPU processes (gloo), each half of every batch: same trajectory up to float summation order."""
     args = dict(variant="gated", steps=6, eval_every=3)
