@@ -77,6 +77,7 @@ class VariantProfile:
     effective_rank: torch.Tensor      # (L+1,) Fig 15
     output_variance: torch.Tensor     # (L, T) Fig 23, head-averaged variance of what enters W_O, by position
     log: list[dict]                   # training log: step, tokens, train_loss, val_loss, sink_per_layer
+    trained: dict                     # what training ended with: step, tokens_seen, train_seconds ({} if unknown)
 
     def variance_first_to_rest(self) -> torch.Tensor:
         """(L,) token 0's attention-output variance over the mean of later positions' (the discrepancy)."""
@@ -88,12 +89,12 @@ class VariantProfile:
                 torch.tensor([r["val_loss"] for r in self.log]))
 
 
-def training_log(name_or_dir: str) -> list[dict]:
-    """The log that ``sinkutils.train`` wrote next to a trained model (``training.json``); [] if there is none
-    (a hub model)."""
+def training_record(name_or_dir: str) -> dict:
+    """What ``sinkutils.train`` wrote next to a trained model (``training.json``: its config, its log and, for
+    shipped models, the final ``metrics``); {} for a model that has none (a hub model)."""
     source, local = models.resolve(name_or_dir)
     path = Path(source) / "training.json"
-    return json.loads(path.read_text())["log"] if local and path.exists() else []
+    return json.loads(path.read_text()) if local and path.exists() else {}
 
 
 @torch.no_grad()
@@ -109,9 +110,11 @@ def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed:
     resid = structure.residual_profile(model, ids, batch_size=batch_size)
     out_var = measure.position_variance(model, ids, batch_size=batch_size).mean(1)  # (L, T)
     variant = variants.variant_of(trace.decoder_layers(model)[0].self_attn)
+    record = training_record(name)
     return VariantProfile(name=name, variant=variant, attention_to_first=sink.attention_to_first,
                           first_dominance=resid.first_dominance, later_dominance=resid.later_dominance,
-                          effective_rank=resid.effective_rank, output_variance=out_var, log=training_log(name))
+                          effective_rank=resid.effective_rank, output_variance=out_var,
+                          log=record.get("log", []), trained=record.get("metrics", {}))
 
 
 def steps_to_reach(log: list[dict], loss: float) -> int | None:

@@ -103,6 +103,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
     source, local = resolve(name_or_dir)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    verbosity = hf_logging.get_verbosity()
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         if config.model_type not in FAMILIES:
@@ -111,6 +112,9 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if local:  # a local load is quick; its progress bar would only clutter the book's pages
             hf_logging.disable_progress_bar()
+        if getattr(config, "sink_variant", "baseline") in variants.SUBMODULES:
+            # from_pretrained reports the variant's weights as unexpected; variants.attach loads them below
+            hf_logging.set_verbosity_error()
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, attn_implementation=trace.ATTN_NAME, use_safetensors=True,
             trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
@@ -123,6 +127,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             f"(Llama) also need `huggingface-cli login`.") from err
     finally:
         hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
     check_architecture(model)
     variants.attach(model, source)
     return model.to(device).eval(), tokenizer
