@@ -3,6 +3,9 @@
     python -m sinkutils.book --profile cpu            # execute every chapter, build _build/html
     python -m sinkutils.book --profile cpu --only 01_sink --no-html
 
+The assignments' instructor editions (``assignments/NN_*.ipynb``) are executed too, into
+``_build/stage/assignments``, unless ``--no-assignments``; ``--only`` alone executes them and no chapter.
+
 Sources are staged into ``_build/stage`` so the committed notebooks stay output-free (Colab opens them
 clean); executed copies keep their outputs and widget state and are what Jupyter Book renders.
 """
@@ -31,6 +34,11 @@ def chapters(root: Path = ROOT) -> list[str]:
     return sorted(p.stem for p in (root / "chapters").glob("[0-9][0-9]_*.ipynb"))
 
 
+def assignments(root: Path = ROOT) -> list[str]:
+    """The assignments' instructor editions (``assignments/NN_*.ipynb``, see ``sinkutils.assign``)."""
+    return sorted(p.stem for p in (root / "assignments").glob("[0-9][0-9]_*.ipynb"))
+
+
 def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
     """The papermill parameters of ``chapter`` under ``profile`` (defaults, then the chapter's overrides)."""
     path = root / "profiles" / f"{profile}.yml"
@@ -42,13 +50,17 @@ def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
 
 
 def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,
-            overrides: dict | None = None) -> float:
+            overrides: dict | None = None, folder: str = "chapters") -> float:
     """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed.
-    ``overrides`` replace the profile's parameters that the chapter declares (``--param`` on the command line)."""
+    ``overrides`` replace the profile's parameters that the chapter declares (``--param`` on the command line).
+    ``folder="assignments"`` runs an assignment's instructor edition instead: no profile parameters (it runs the
+    embedded model under every profile, in seconds), and a failing check fails it like any cell."""
     import papermill
 
+    if folder not in ("chapters", "assignments"):
+        raise ValueError(f"folder must be 'chapters' or 'assignments', got {folder!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = root / "chapters" / f"{chapter}.ipynb"
+    source = root / folder / f"{chapter}.ipynb"
     declared = papermill.inspect_notebook(str(source))  # an override the chapter lacks is simply not passed
     overrides = {k: v for k, v in (overrides or {}).items() if k in declared}
     start = time.time()
@@ -57,12 +69,13 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
     try:
         papermill.execute_notebook(str(source), str(out_dir / f"{chapter}.ipynb"),
-                                   parameters=parameters(profile, chapter, root) | overrides, kernel_name="python3",
+                                   parameters=(parameters(profile, chapter, root) if folder == "chapters" else {})
+                                   | overrides, kernel_name="python3",
                                    cwd=str(root), progress_bar=False, execution_timeout=timeout,
                                    request_save_on_cell_execute=False)
     except papermill.PapermillExecutionError as err:
         first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
-        raise ChapterFailed(f"chapter {chapter} failed in the cell starting {first_line!r}: "
+        raise ChapterFailed(f"{folder[:-1]} {chapter} failed in the cell starting {first_line!r}: "
                             f"{err.ename}: {err.evalue}") from err
     finally:
         if previous is None:
@@ -98,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m sinkutils.book", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="cpu")
-    p.add_argument("--only", nargs="*", help="chapter names, e.g. 01_sink (default: all)")
+    p.add_argument("--only", nargs="*", help="chapter names, e.g. 01_sink (default: all; `--only` alone: none)")
+    p.add_argument("--no-assignments", action="store_true",
+                   help="do not execute the assignments (assignments/NN_*.ipynb, seconds each; run by default)")
     p.add_argument("--no-html", action="store_true", help="execute only")
     p.add_argument("--param", action="append", default=[], metavar="NAME=YAML",
                    help="override a parameter in every chapter, e.g. --param model_name=smollm-135m "
@@ -110,18 +125,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if not sep or not name.isidentifier():
             raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
         overrides[name] = yaml.safe_load(value)
-    names = args.only or chapters()
+    names = chapters() if args.only is None else args.only
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
         raise SystemExit(f"unknown chapters {unknown}; choose from {chapters()}")
     stage_dir = stage()
     timings = {}
-    for name in tqdm(names, desc=f"chapters ({args.profile})"):
+    jobs = [("chapters", n) for n in names] + [("assignments", n) for n in ([] if args.no_assignments else assignments())]
+    for folder, name in tqdm(jobs, desc=f"chapters and assignments ({args.profile})"):
+        key = name if folder == "chapters" else f"assignments/{name}"
         try:
-            timings[name] = execute(name, args.profile, stage_dir / "chapters", overrides=overrides)
+            timings[key] = execute(name, args.profile, stage_dir / folder, overrides=overrides, folder=folder)
         except ChapterFailed as err:
             raise SystemExit(str(err)) from None
-        tqdm.write(f"{name}: {timings[name]:.1f} s")
+        tqdm.write(f"{key}: {timings[key]:.1f} s")
     if not args.no_html:
         start = time.time()
         print(f"site: {build_html(stage_dir)}")

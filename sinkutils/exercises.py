@@ -663,7 +663,8 @@ def _ffn_cases() -> dict[str, tuple]:
         up[n] *= su
     z = structure.ffn_norms_of(gate, up).z
     top = z[list(_SUPER)].sort(descending=True).values
-    return {"threshold 8": (gate, up, 8.0), "a threshold between the 2nd and 3rd": (gate, up, float(top[1:].mean()))}
+    return {"threshold 8": (gate, up, 8.0), "a threshold between the 2nd and 3rd": (gate, up, float(top[1:].mean())),
+            "threshold 3": (gate, up, 3.0)}
 
 
 def _as_indices(value) -> list[int] | None:
@@ -676,49 +677,56 @@ def _as_indices(value) -> list[int] | None:
     return None
 
 
+def _above(score: torch.Tensor, z: torch.Tensor, z_threshold: float) -> list[int]:
+    """Neurons with z above the threshold, largest score first: the rule, fed with a (possibly wrong) score."""
+    idx = (z > z_threshold).nonzero().flatten()
+    return [int(i) for i in idx[score[idx].argsort(descending=True)]]
+
+
+def _super_mistakes(gate: torch.Tensor, up: torch.Tensor, z_threshold: float) -> dict[str, list[int]]:
+    g_rows, u_rows = gate.double().norm(dim=1), up.double().norm(dim=1)
+    score, cols = g_rows * u_rows, gate.double().norm(dim=0) * up.double().norm(dim=0)
+    return {
+        "nn.Linear stores W_gate as (neurons, width): neuron n's weights are row n, so take the norm over dim=1; "
+        "you took column norms": _above(cols, metrics.robust_z(cols), z_threshold),
+        "the super neurons inflate the mean and standard deviation they are measured against; use the robust "
+        "z-score, (s - median) / (1.4826 MAD) (metrics.robust_z)":
+            _above(score, (score - score.mean()) / score.std(), z_threshold),
+        "the score is the product ||W_gate[n]|| * ||W_up[n]||: a neuron large in W_up alone is a super neuron too":
+            _above(g_rows, metrics.robust_z(g_rows), z_threshold),
+        "the score is the product ||W_gate[n]|| * ||W_up[n]||, not the sum":
+            _above(g_rows + u_rows, metrics.robust_z(g_rows + u_rows), z_threshold),
+        "use the z_threshold argument, not a fixed 8": _above(score, metrics.robust_z(score), 8.0),
+    }
+
+
 @_exercise("04_super_neurons", _ffn_cases)
 def super_neurons(p: _Probe) -> None:
     """super_neurons(w_gate, w_up, z_threshold): the FFN neurons n whose score ||W_gate[n]|| * ||W_up[n]|| has
     a robust z-score (median and MAD, metrics.robust_z) above z_threshold, largest score first, as a list of
     ints; W_gate and W_up are (neurons, width) in nn.Linear layout (Fig 8)."""
+    got, ref = {}, {}
     for case, (gate, up, z_threshold) in p.cases.items():
         value = p.value(case)
         if torch.is_tensor(value) and value.dtype == torch.bool:
             raise _Wrong("return the neurons' indices (a list of ints, largest score first), not a mask")
-        got = _as_indices(value)
-        if got is None:
+        got[case] = _as_indices(value)
+        if got[case] is None:
             raise _Wrong(f"return a list of ints (neuron indices), got {value!r:.80}")
-        ref = structure.ffn_norms_of(gate, up, z_threshold=z_threshold).super_neurons
-        if got == ref:
-            continue
-        if sorted(got) == sorted(ref):
-            raise _Wrong(f"the right neurons in the wrong order: list them largest score first ({ref}), you gave {got}")
-
-        def rule(score: torch.Tensor, z: torch.Tensor) -> list[int]:
-            idx = (z > z_threshold).nonzero().flatten()
-            return [int(i) for i in idx[score[idx].argsort(descending=True)]]
-
-        g_rows, u_rows = gate.double().norm(dim=1), up.double().norm(dim=1)
-        score = g_rows * u_rows
-        known = {
-            "nn.Linear stores W_gate as (neurons, width): neuron n's weights are row n, so take the norm over "
-            "dim=1; you took column norms":
-                rule(gate.double().norm(dim=0) * up.double().norm(dim=0),
-                     metrics.robust_z(gate.double().norm(dim=0) * up.double().norm(dim=0))),
-            "the super neurons inflate the mean and standard deviation they are measured against; use the robust "
-            "z-score, (s - median) / (1.4826 MAD) (metrics.robust_z)":
-                rule(score, (score - score.mean()) / score.std()),
-            "the score is the product ||W_gate[n]|| * ||W_up[n]||: a neuron large in W_up alone is a super neuron "
-            "too": rule(g_rows, metrics.robust_z(g_rows)),
-        }
-        known["the score is the product ||W_gate[n]|| * ||W_up[n]||, not the sum"] = rule(
-            g_rows + u_rows, metrics.robust_z(g_rows + u_rows))
-        for hint, indices in known.items():
-            if got == indices:
-                raise _Wrong(hint)
-        if got == structure.ffn_norms_of(gate, up, z_threshold=8.0).super_neurons:
-            raise _Wrong(f"use the z_threshold argument (on {case!r} it is {z_threshold:.4g}), not a fixed 8")
-        raise _Wrong(f"on the prepared input {case!r} the super neurons are {ref}, you found {got}")
+        ref[case] = structure.ffn_norms_of(gate, up, z_threshold=z_threshold).super_neurons
+    wrong = [case for case in p.cases if got[case] != ref[case]]
+    if not wrong:
+        return
+    case = wrong[0]
+    if sorted(got[case]) == sorted(ref[case]):
+        raise _Wrong(f"the right neurons in the wrong order: list them largest score first ({ref[case]}), you gave "
+                     f"{got[case]}")
+    # a mistake is recognised when it explains the outputs on every prepared input
+    per_case = {c: _super_mistakes(*args) for c, args in p.cases.items()}
+    for hint in per_case[case]:
+        if all(got[c] == per_case[c][hint] for c in p.cases):
+            raise _Wrong(hint)
+    raise _Wrong(f"on the prepared input {case!r} the super neurons are {ref[case]}, you found {got[case]}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -913,6 +921,10 @@ def effective_rank(p: _Probe) -> None:
     exp of the entropy of its singular values normalised to sum 1 (Roy & Vetterli 2007), giving (batch,);
     k for a matrix with k equal non-zero singular values (Fig 15, 21)."""
     for case, (x,) in p.cases.items():
+        value = p.value(case)
+        if torch.is_tensor(value) and value.is_floating_point() and value.isnan().any():
+            raise _Wrong(f"NaN on {case!r}: a zero singular value gives p log p = 0 * log 0 = NaN; count it as 0 "
+                         "(torch.special.entr(p) does, or take the log of p.clamp_min(tiny))")
         got = p.tensor(case, ("batch",), _RANK)
         ref = metrics.effective_rank(x)
         if _close(got, ref):
