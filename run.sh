@@ -124,7 +124,7 @@ book() {
   done
   echo "chapters reused from $BOOK_CACHE: $(( ${#keep[@]} - ${#missing[@]} )); to execute: ${missing[*]:-none}" >&2
   if [ ${#missing[@]} -eq 0 ]; then
-    "$py" -c "from sinkutils import book; print('site:', book.build_html(book.stage()))"
+    "$py" -m sinkutils.book --profile "$profile" --only  # no chapter: the assignments (seconds), then the site
   else
     "$py" -m sinkutils.book --profile "$profile" --only "${missing[@]}"
     for ch in "${missing[@]}"; do

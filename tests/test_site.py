@@ -85,9 +85,9 @@ def build_site(root: Path, chapters: list[str]) -> Path:
     for chapter in chapters:
         shutil.copy2(book.ROOT / "chapters" / f"{chapter}.ipynb", root / "chapters")
     toc = yaml.safe_load((book.ROOT / "_toc.yml").read_text())
-    for part in toc["parts"]:  # the toc without the chapters not built (a missing page fails -W)
-        part["chapters"] = [c for c in part["chapters"]
-                            if not c["file"].startswith("chapters/") or c["file"][len("chapters/"):] in chapters]
+    for part in toc["parts"]:  # the toc without the chapters (and assignments) not built: a missing page fails -W
+        part["chapters"] = [c for c in part["chapters"] if not c["file"].startswith(("chapters/", "assignments/"))
+                            or c["file"] in [f"chapters/{ch}" for ch in chapters]]
     (root / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     (root / "profiles").mkdir()
     model = random_llama(root / "model")
