@@ -28,6 +28,7 @@ import copy
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -278,9 +279,18 @@ def _judge(name: str, outputs) -> Result:
 
 
 def assignment_of(nb: nbformat.NotebookNode) -> str | None:
-    """The assignment a notebook says it is (``metadata.sinkbook.assignment``), if any."""
+    """The assignment a notebook is: what its metadata says (``sinkbook.assignment``, which both editions carry),
+    else the one assignment all of whose functions it defines (a notebook saved elsewhere may lose its
+    metadata); None when neither tells."""
+    from sinkutils import exercises
+
     name = nb.metadata.get("sinkbook", {}).get("assignment")
-    return name if isinstance(name, str) else None
+    if isinstance(name, str) and name in exercises.chapters():
+        return name
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    defines = [ch for ch in exercises.chapters()
+               if all(re.search(rf"^def {ex.name}\(", code, re.M) for ex in exercises.of_chapter(ch))]
+    return defines[0] if len(defines) == 1 else None
 
 
 def grade(submissions: Path, out_csv: Path, timeout: float = 120, assignment: str | None = None) -> list[dict]:
@@ -309,10 +319,11 @@ def grade(submissions: Path, out_csv: Path, timeout: float = 120, assignment: st
                              message=f"not a readable notebook ({type(err).__name__}: {str(err)[:120]})"))
             continue
         name = assignment or assignment_of(nb)
-        if name not in exercises.chapters():
+        if name is None:
             rows.append(dict(student=student, exercise="*", result="fail",
-                             message=f"cannot tell which assignment this is (its metadata says {name!r}); pass "
-                                     f"--assignment, one of {exercises.chapters()}"))
+                             message="cannot tell which assignment this is: its metadata names none, and it does "
+                                     f"not define the functions of exactly one; pass --assignment, one of "
+                                     f"{exercises.chapters()}"))
             continue
         for r in grade_notebook(nb, name, timeout, submissions):
             rows.append(dict(student=student, exercise=r.exercise, result="pass" if r.passed else "fail",

@@ -531,6 +531,15 @@ def test_grader_writes_the_expected_csv_whatever_the_submissions_do(tmp_path):
     assert not [p for p in psutil.Process().children(recursive=True) if p.is_running()], "a kernel was left running"
 
 
+def test_assignment_comes_from_metadata_else_from_the_functions_defined():
+    source = nbformat.read(assign.SOURCES / "04_super_neurons.ipynb", as_version=4)
+    assert assign.assignment_of(source) == "04_super_neurons"
+    source.metadata.pop("sinkbook")  # as a notebook that went through an editor that drops unknown metadata
+    assert assign.assignment_of(source) == "04_super_neurons"
+    source.cells = [c for c in source.cells if "def kendall_tau(" not in c.source]
+    assert assign.assignment_of(source) is None
+
+
 def test_grader_rows_for_unreadable_and_unknown_notebooks(tmp_path):
     folder = tmp_path / "subs"
     folder.mkdir()
