@@ -352,6 +352,7 @@ def attention_to_first(p: _Probe) -> None:
             _scores(q, k).masked_fill(~mask, -math.inf).softmax(-1)[..., 0, :],
     })
     p.expect(got, ref, "random")
+    p.expect(later, _first_reference(*p.args("later keys changed")), "later keys changed")
 
 
 _SINK = dict(layers=3, batch=2, heads=5, tokens=10)
@@ -900,6 +901,8 @@ def sigmoid_attention(p: _Probe) -> None:
         "scale the scores by 1/sqrt(head_dim) before the sigmoid": sig(_scores(q, k, 1.0) - math.log(T)),
     })
     p.expect(got, ref, "random")
+    p.expect(p.tensor(second, ("batch", "heads", "queries", "keys"), sizes), _sigmoid_reference(*p.args(second)),
+             second)
 
 
 _RANK = dict(batch=2, tokens=6, width=9)
