@@ -386,8 +386,8 @@ def sink_rate(p: _Probe) -> None:
         if _close(got, ref):
             continue
         p.mistakes(got, {
-            f"leave out the queries before min_query (early queries see few keys and sink for a trivial reason): "
-            f"average over sink[..., min_query:] only":
+            "leave out the queries before min_query (early queries see few keys and sink for a trivial reason): "
+            "average over sink[..., min_query:] only":
                 metrics.sink_rate(sink, eps, 0),
             "average each head over sequences and queries first, then compare that mean with epsilon; you "
             "thresholded every single weight":
@@ -553,8 +553,8 @@ def amplify_variance(p: _Probe) -> None:
         mean = od.mean(-1, keepdim=True)
         p.mistakes(got, {
             "lam * o scales the mean too; only the deviation from the mean grows: mean + lam * (o - mean)": lam * od,
-            f"the variance grows by lam**2 when the deviations grow by lam; you multiplied them by lam**2 "
-            f"(variance x lam**4)": mean + lam ** 2 * (od - mean),
+            "the variance grows by lam**2 when the deviations grow by lam; you multiplied them by lam**2 "
+            "(variance x lam**4)": mean + lam ** 2 * (od - mean),
             "you multiplied the deviations by sqrt(lam), so the variance grew by lam only; the exercise wants "
             "lam**2, i.e. deviations times lam": mean + lam ** 0.5 * (od - mean),
             "add the mean back: the intervention changes the spread around the mean, not the mean":

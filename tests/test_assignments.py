@@ -7,7 +7,6 @@ exact CSV, each submission isolated from the others.
 """
 import copy
 import csv
-import json
 import math
 import os
 
