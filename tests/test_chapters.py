@@ -37,16 +37,22 @@ def test_every_chapter_has_parameters_and_setup_cells():
         assert book.parameters("cpu", chapter)["model_name"] == "sinkbook-tiny"
 
 
-def test_failing_cell_names_chapter_and_cell(tmp_path, monkeypatch):
-    bad = nbformat.v4.new_notebook()
-    bad.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
-    bad.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
-                 nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+def one_chapter_root(tmp_path, name: str, sources: list[str], defaults: dict):
+    """A book root holding one chapter ``name`` (first source = its parameters cell) and a cpu profile."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nb.cells = [nbformat.v4.new_code_cell(sources[0], metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(src) for src in sources[1:]]
     root = tmp_path / "root"
     (root / "chapters").mkdir(parents=True)
     (root / "profiles").mkdir()
-    nbformat.write(bad, root / "chapters" / "99_bad.ipynb")
-    (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"x": 2}}))
+    nbformat.write(nb, root / "chapters" / f"{name}.ipynb")
+    (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": defaults}))
+    return root
+
+
+def test_failing_cell_names_chapter_and_cell(tmp_path):
+    root = one_chapter_root(tmp_path, "99_bad", ["x = 1", "raise ValueError('broken on purpose')"], {"x": 2})
     with pytest.raises(book.ChapterFailed, match=r"99_bad failed in the cell starting \"raise ValueError\('broken on purpose'\)\": ValueError"):
         book.execute("99_bad", "cpu", tmp_path / "out", root=root)
 
@@ -57,15 +63,7 @@ def test_unknown_profile_lists_choices():
 
 
 def test_overrides_replace_profile_parameters(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
-    nb.cells = [nbformat.v4.new_code_cell("x = 1\ny = 'a'", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("print(x, y)")]
-    root = tmp_path / "root"
-    (root / "chapters").mkdir(parents=True)
-    (root / "profiles").mkdir()
-    nbformat.write(nb, root / "chapters" / "99_params.ipynb")
-    (root / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"x": 2, "y": "profile"}}))
+    root = one_chapter_root(tmp_path, "99_params", ["x = 1\ny = 'a'", "print(x, y)"], {"x": 2, "y": "profile"})
     book.execute("99_params", "cpu", tmp_path / "out", root=root, overrides={"x": [3], "z": 5})
     out = nbformat.read(tmp_path / "out" / "99_params.ipynb", as_version=4)
     assert out.cells[-1].outputs[0]["text"] == "[3] profile\n"
