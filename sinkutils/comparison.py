@@ -72,6 +72,7 @@ class VariantProfile:
     name: str
     variant: str
     attention_to_first: torch.Tensor  # (L,) Fig 2; for sigmoid the raw sigmoid weight token 0 receives
+    first_share: torch.Tensor         # (L,) token 0's share of each query's total weight (= the above for softmax)
     first_dominance: torch.Tensor     # (L+1,) Fig 14, token 0's max|x| / mean|x| per depth
     later_dominance: torch.Tensor     # (L+1,) the same for tokens t >= 1
     effective_rank: torch.Tensor      # (L+1,) Fig 15
@@ -112,9 +113,27 @@ def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed:
     variant = variants.variant_of(trace.decoder_layers(model)[0].self_attn)
     record = training_record(name)
     return VariantProfile(name=name, variant=variant, attention_to_first=sink.attention_to_first,
+                          first_share=first_share(model, ids, min_query=sink.min_query, batch_size=batch_size),
                           first_dominance=resid.first_dominance, later_dominance=resid.later_dominance,
                           effective_rank=resid.effective_rank, output_variance=out_var,
                           log=record.get("log", []), trained=record.get("metrics", {}))
+
+
+@torch.no_grad()
+def first_share(model, ids: torch.Tensor, min_query: int = 4, batch_size: int = 8) -> torch.Tensor:
+    """(L,) mean over heads and queries t >= ``min_query`` of w_t0 / sum_j w_tj. Sigmoid attention's weights do not
+    sum to 1 (each is about 1/S when scores are near 0), so its raw weight on token 0 is small by construction;
+    this share is what compares with softmax attention. It needs the attention maps: for the small comparison
+    models only (heads x T x T per layer)."""
+    total, n = 0.0, 0
+    for chunk in measure._batches(ids, batch_size, "share of token 0"):
+        with trace.record(model, "attn.pattern") as rec:
+            model(input_ids=chunk.to(model.device))
+        w = rec["attn.pattern"].float()[..., min_query:, :]  # (L, B, H, T - min_query, S)
+        share = w[..., 0] / w.sum(-1).clamp_min(1e-30)
+        total = total + share.mean(dim=(2, 3)).sum(1).cpu()
+        n += chunk.shape[0]
+    return total / n
 
 
 def steps_to_reach(log: list[dict], loss: float) -> int | None:

@@ -84,6 +84,18 @@ def test_retrain_trains_and_exports_loadable_variants(data_dir, tmp_path):  # no
         assert [r["step"] for r in profile.log] == [3, 6]
         assert profile.attention_to_first.shape == (1,) and profile.first_dominance.shape == (2,)
         assert profile.output_variance.shape == (1, 16)
+        if variant == "baseline":  # softmax weights sum to 1: the share is the attention itself
+            torch.testing.assert_close(profile.first_share, profile.attention_to_first, atol=1e-5, rtol=1e-4)
+
+
+def test_first_share_normalises_sigmoid_weights():
+    from sinkutils import variants
+
+    model = variants.build(tiny("llama").config, "sigmoid")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    ref = torch.stack(model(input_ids=ids, output_attentions=True).attentions)[..., 4:, :]  # raw sigmoid weights
+    expected = (ref[..., 0] / ref.sum(-1)).mean(dim=(2, 3)).mean(1)
+    torch.testing.assert_close(comparison.first_share(model, ids, min_query=4), expected, atol=1e-5, rtol=1e-4)
 
 
 # --- the four shipped comparison models -------------------------------------------------------------------
