@@ -113,7 +113,8 @@ def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed:
     variant = variants.variant_of(trace.decoder_layers(model)[0].self_attn)
     record = training_record(name)
     return VariantProfile(name=name, variant=variant, attention_to_first=sink.attention_to_first,
-                          first_share=first_share(model, ids, min_query=sink.min_query, batch_size=batch_size),
+                          first_share=(first_share(model, ids, min_query=sink.min_query, batch_size=batch_size)
+                                       if variant == "sigmoid" else sink.attention_to_first),  # softmax: sums to 1
                           first_dominance=resid.first_dominance, later_dominance=resid.later_dominance,
                           effective_rank=resid.effective_rank, output_variance=out_var,
                           log=record.get("log", []), trained=record.get("metrics", {}))

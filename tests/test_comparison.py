@@ -71,21 +71,30 @@ def test_retrain_configs_refuse_bad_settings(tmp_path, overrides, variants, mess
     assert not list(tmp_path.iterdir())  # nothing started
 
 
+def profile_ids(folder, n: int = 2, length: int = 16) -> torch.Tensor:
+    """The sequences ``variant_profile`` measures in the retraining test, cut with the folder's tokenizer."""
+    _, tokenizer = models.load(str(folder))
+    return data.token_batch(tokenizer, TEXTS, n=n, length=length)
+
+
+TEXTS = ["the first small cat sees the last dog and the quiet model attends the sparse head."] * 4
+
+
 def test_retrain_trains_and_exports_loadable_variants(data_dir, tmp_path):  # noqa: F811
     small = dict(n_layer=1, d_model=32, n_head=4, n_kv_head=4, d_ff=64, seq_len=32, batch_size=4, steps=6,
                  warmup=2, eval_every=3, eval_batches=1, ckpt_every=100, threads=1, device="cpu")
     cfgs = comparison.retrain_configs(tmp_path, data_dir, variants=["baseline", "headwise_rmsnorm"], overrides=small)
     assert comparison.seconds_per_step(cfgs["baseline"], 160, probe_steps=1) > 0
     out = comparison.retrain(tmp_path, cfgs, stop_after=6, vocab_size=160)
-    texts = ["the first small cat sees the last dog and the quiet model attends the sparse head."] * 4
     for variant, folder in out.items():
-        profile = comparison.variant_profile(str(folder), texts, n=2, length=16)
+        profile = comparison.variant_profile(str(folder), TEXTS, n=2, length=16)
         assert profile.variant == variant
         assert [r["step"] for r in profile.log] == [3, 6]
         assert profile.attention_to_first.shape == (1,) and profile.first_dominance.shape == (2,)
         assert profile.output_variance.shape == (1, 16)
-        if variant == "baseline":  # softmax weights sum to 1: the share is the attention itself
-            torch.testing.assert_close(profile.first_share, profile.attention_to_first, atol=1e-5, rtol=1e-4)
+        # softmax weights sum to 1, so the share is the attention itself
+        torch.testing.assert_close(comparison.first_share(models.load(str(folder))[0], profile_ids(folder)),
+                                   profile.attention_to_first, atol=1e-5, rtol=1e-4)
 
 
 def test_first_share_normalises_sigmoid_weights():
