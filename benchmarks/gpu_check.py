@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         extra = dict(overrides)
         if name == "06_headwise":  # the profile's larger comparison models, trained only briefly
             gpu = book.parameters("gpu", name)
-            extra["retrain_overrides"] = dict(gpu.get("retrain_overrides") or {}) | {
+            base = overrides.get("retrain_overrides", gpu.get("retrain_overrides") or {})  # --param may shrink it
+            extra["retrain_overrides"] = dict(base) | {
                 "stop_after": args.train_steps, "eval_every": args.train_steps}  # one evaluation: a loss curve point
             extra["retrain_dir"] = str(work / "retrain")
         error = None
