@@ -209,7 +209,7 @@ def seconds_per_step(cfg, vocab_size: int, probe_steps: int = 3) -> float:
     return (time.perf_counter() - start) / probe_steps
 
 
-def retrain(out_root: str | Path, cfgs: dict, stop_after: int, vocab_size: int) -> dict[str, Path]:
+def retrain(out_root: str | Path, cfgs: dict, stop_after: int) -> dict[str, Path]:
     """Train (or resume: rerunning continues where an interrupted run stopped) every config up to
     ``stop_after`` and export each as a model folder ``models.load`` accepts; returns variant -> folder."""
     from sinkutils import train

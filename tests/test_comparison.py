@@ -85,7 +85,7 @@ def test_retrain_trains_and_exports_loadable_variants(data_dir, tmp_path):  # no
                  warmup=2, eval_every=3, eval_batches=1, ckpt_every=100, threads=1, device="cpu")
     cfgs = comparison.retrain_configs(tmp_path, data_dir, variants=["baseline", "headwise_rmsnorm"], overrides=small)
     assert comparison.seconds_per_step(cfgs["baseline"], 160, probe_steps=1) > 0
-    out = comparison.retrain(tmp_path, cfgs, stop_after=6, vocab_size=160)
+    out = comparison.retrain(tmp_path, cfgs, stop_after=6)
     for variant, folder in out.items():
         profile = comparison.variant_profile(str(folder), TEXTS, n=2, length=16)
         assert profile.variant == variant

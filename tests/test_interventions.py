@@ -111,16 +111,20 @@ def test_block_row_with_cached_keys_edits_the_right_row():
     assert torch.equal(interventions.block_row(causal, 2, 2, 6, "cpu"), causal)  # position 2 is not a query
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
-def test_amplify_variance_scales_only_the_variance_where_trace_sees_it(lam):
-    model = tiny("llama")
+def head_out_without_and_with(model, intervention, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attn.head_out`` (L, B, T, H, D) of the same inputs, plain and under ``intervention(model, *args)``."""
     ids = ids_for()
     with trace.record(model, "attn.head_out") as base:
         model(input_ids=ids)
-    with interventions.amplify_variance(model, K, lam, layer=1):
+    with intervention(model, *args, **kwargs):
         with trace.record(model, "attn.head_out") as rec:
             model(input_ids=ids)
-    before, after = base["attn.head_out"], rec["attn.head_out"]  # (L, B, T, H, D)
+    return base["attn.head_out"], rec["attn.head_out"]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
+def test_amplify_variance_scales_only_the_variance_where_trace_sees_it(lam):
+    before, after = head_out_without_and_with(tiny("llama"), interventions.amplify_variance, K, lam, layer=1)
     var0, var1 = metrics.dimension_variance(before[1, :, K]), metrics.dimension_variance(after[1, :, K])
     torch.testing.assert_close(var1, lam ** 2 * var0, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(after[1, :, K].mean(-1), before[1, :, K].mean(-1), atol=1e-6, rtol=1e-4)
@@ -130,14 +134,9 @@ def test_amplify_variance_scales_only_the_variance_where_trace_sees_it(lam):
 
 @pytest.mark.parametrize("lam", [1.0, 2.0, 5.0])
 def test_norm_control_scales_the_norm_and_keeps_the_variance(lam):
-    model = tiny("mistral")  # GQA: the edit is per query head, in W_O's input
-    ids = ids_for()
-    with trace.record(model, "attn.head_out") as base:
-        model(input_ids=ids)
-    with interventions.scale_norm(model, K, lam, layer=0):
-        with trace.record(model, "attn.head_out") as rec:
-            model(input_ids=ids)
-    before, after = base["attn.head_out"][0, :, K], rec["attn.head_out"][0, :, K]
+    # GQA: the edit is per query head, in W_O's input
+    before, after = head_out_without_and_with(tiny("mistral"), interventions.scale_norm, K, lam, layer=0)
+    before, after = before[0, :, K], after[0, :, K]
     torch.testing.assert_close(after.norm(dim=-1), lam * before.norm(dim=-1), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(metrics.dimension_variance(after), metrics.dimension_variance(before),
                                atol=1e-6, rtol=1e-4)

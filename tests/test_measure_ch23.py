@@ -155,22 +155,26 @@ def test_embedded_token_0_variance_above_later_positions_and_decaying(embedded):
         assert prof.decay_slope()[p["layer"]] < 0
 
 
-@departs("blocking aggregation at k does not draw more attention to k; chapter 3 prints the measurement")
-@needs_embedded
-def test_embedded_mask_makes_k_a_sink(embedded):
+@pytest.fixture
+def chapter3(embedded) -> tuple:
+    """(model, chapter 3's cpu-profile parameters, its text batch) as the chapter measures them."""
     model, tokenizer = embedded
     p = chapter_parameters("03_interventions")
-    ids, _ = chapter_batches(model, tokenizer, p)
+    return model, p, chapter_batches(model, tokenizer, p)[0]
+
+
+@departs("blocking aggregation at k does not draw more attention to k; chapter 3 prints the measurement")
+@needs_embedded
+def test_embedded_mask_makes_k_a_sink(chapter3):
+    model, p, ids = chapter3
     effect = measure.mask_effect(model, ids, p["k"], batch_size=p["batch_size"], progress=False)
     assert effect.mean("after") > 1.05 * effect.mean("before")  # the chapter's "a change under 5% counts as none"
 
 
 @departs("amplifying token k's head-output variance does not raise the attention k receives; chapter 3 prints it")
 @needs_embedded
-def test_embedded_attention_to_k_rises_with_lambda_and_the_norm_control_does_not(embedded):
-    model, tokenizer = embedded
-    p = chapter_parameters("03_interventions")
-    ids, _ = chapter_batches(model, tokenizer, p)
+def test_embedded_attention_to_k_rises_with_lambda_and_the_norm_control_does_not(chapter3):
+    model, p, ids = chapter3
     sweep = measure.lambda_sweep(model, ids[:p["n_sweep"]], p["k"], p["lambdas"], [p["amplify_layer"]],
                                  batch_size=p["batch_size"], progress=False)
     gain_amp, gain_ctrl = sweep.gains(p["amplify_layer"])
