@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from sinkutils import book, models
 
@@ -119,9 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           args.device)
     print(f"random {args.shape} in bf16 at {folder} ({time.time() - start:.0f} s)", flush=True)
     overrides = {"model_name": str(folder), "text_source": "python_docs", "compare_models": []}
-    for item in args.param:
-        name, _, value = item.partition("=")
-        overrides[name] = yaml.safe_load(value)
+    overrides |= book.parse_params(args.param)
     rows = []
     for name in names:
         extra = dict(overrides)

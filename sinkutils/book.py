@@ -106,6 +106,17 @@ def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
     return root / "_build" / "html"
 
 
+def parse_params(items: list[str]) -> dict:
+    """``--param NAME=YAML`` values as a dict of parameter overrides (the value is read as YAML)."""
+    overrides = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
+        overrides[name] = yaml.safe_load(value)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Execute (and build); prints and returns seconds per chapter, for the HTML build, and in total."""
     p = argparse.ArgumentParser(prog="python -m sinkutils.book", description=__doc__,
@@ -119,12 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    help="override a parameter in every chapter, e.g. --param model_name=smollm-135m "
                         "--param 'compare_models=[]' (the value is read as YAML)")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
-        overrides[name] = yaml.safe_load(value)
+    overrides = parse_params(args.param)
     names = chapters() if args.only is None else args.only
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
