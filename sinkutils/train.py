@@ -300,7 +300,7 @@ def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]
         diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
         raise ValueError(f"{ckpt.parent} holds a different run; (saved, asked) for each field that differs: {diff}. "
                          f"Use another --out-dir, or the saved values to resume.")
-    if saved.get("data_sha256", data_fingerprint(cfg.data_dir)) != data_fingerprint(cfg.data_dir):
+    if saved.get("data_sha256", ours := data_fingerprint(cfg.data_dir)) != ours:
         raise ValueError(f"{ckpt.parent} was trained on other token streams than {cfg.data_dir}/tokens.safetensors; "
                          f"rebuild the data with the same `prepare` (same packages and vocab size) or use another --out-dir")
     missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
