@@ -291,10 +291,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _causal(T: int) -> torch.Tensor:
-    return torch.ones(T, T, dtype=torch.bool).tril()
-
-
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """q . k / sqrt(D) (or times ``scale``): the logits every attention exercise starts from."""
     return (q.double() @ k.double().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -343,7 +339,7 @@ def attention_to_first(p: _Probe) -> None:
     if not torch.allclose(got[..., 0].double(), torch.ones(()).double(), atol=1e-5):
         raise _Wrong(f"query 0 sees only key 0, so its weight on key 0 must be 1, got {float(got[0, 0, 0]):.4g}: "
                      "normalise over the keys, softmax(dim=-1) on (..., queries, keys) scores, not over the queries")
-    mask = _causal(q.shape[-2])
+    mask = trace._causal_bool(q.shape[-2], q.shape[-2], "cpu")
     p.mistakes(got, {
         "forgot the scale: divide q . k by sqrt(head_dim) before the softmax":
             _scores(q, k, 1.0).masked_fill(~mask, -math.inf).softmax(-1)[..., 0],
@@ -484,11 +480,11 @@ _MASK_T = 9
 
 
 def _mask_cases() -> dict[str, tuple]:
-    hidden = _causal(_MASK_T).clone()
+    causal = trace._causal_bool(_MASK_T, _MASK_T, "cpu")
+    hidden = causal.clone()
     hidden[:, [1, 3]] = False                    # keys 1 and 3 hidden from everyone (padding, say)
     hidden[[1, 3], [1, 3]] = True                # ... but each still sees itself
-    return {"causal, k=5": (_causal(_MASK_T), 5), "causal, k=2": (_causal(_MASK_T), 2),
-            "keys 1 and 3 hidden, k=6": (hidden, 6)}
+    return {"causal, k=5": (causal, 5), "causal, k=2": (causal.clone(), 2), "keys 1 and 3 hidden, k=6": (hidden, 6)}
 
 
 @_exercise("03_interventions", _mask_cases)
@@ -881,7 +877,7 @@ def sigmoid_attention(p: _Probe) -> None:
     if _close(got, ref) and _close(p.tensor(second, ("batch", "heads", "queries", "keys"), sizes),
                                    _sigmoid_reference(*p.args(second))):
         return
-    later = ~_causal(T)
+    later = ~trace._causal_bool(T, T, "cpu")
     if got[..., later].abs().max() > 1e-6:
         raise _Wrong("causal mask missing: a query must give weight 0 to every later key (above the diagonal)")
     if torch.allclose(got.double().sum(-1), torch.ones(()).double(), atol=1e-5):
