@@ -50,6 +50,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    tie_embeddings: bool = True   # False: a separate lm_head, as in Llama-2/3 (SmolLM ties)
     synthetic_frac: float = 0.0   # share of each batch that is synthetic instead of text
     synthetic_task: str = "random"  # "random": uniform tokens; "bigram_backcopy": Guo et al. 2024 (data.py)
     synthetic_vocab: int = 64     # bigram_backcopy uses token ids 4 .. 4 + synthetic_vocab
@@ -162,7 +163,7 @@ def make_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=max(2048, cfg.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=max(2048, cfg.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"))
     torch.manual_seed(cfg.seed)
@@ -304,7 +305,7 @@ def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]
         raise ValueError(f"{ckpt.parent} was trained on other token streams than {cfg.data_dir}/tokens.safetensors; "
                          f"rebuild the data with the same `prepare` (same packages and vocab size) or use another --out-dir")
     missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
         raise ValueError(f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), saved["optimizer"])
@@ -432,7 +433,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     (dest / "MODEL_CARD.md").write_text(f"""# {name}
 
 A {cfg.n_layer}-layer Llama ({cfg.d_model} wide, {cfg.n_head} heads, SwiGLU FFN of {cfg.d_ff}, RoPE, RMSNorm,
-tied embeddings, vocabulary {vocab}) trained from scratch by `sinkutils.train`, shipped so the book builds
+{'tied' if cfg.tie_embeddings else 'untied'} embeddings, vocabulary {vocab}) trained from scratch by `sinkutils.train`, shipped so the book builds
 offline. Variant: `{cfg.variant}`.
 
 ## Recipe
@@ -462,6 +463,12 @@ python -m sinkutils.train ship --out-dir RUN --name {name}
     return dest
 
 
+def _flag_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def main(argv: list[str] | None = None) -> None:
     """The CLI: ``prepare``, ``run`` (every ``TrainConfig`` field is a flag) and ``ship``."""
     from sinkutils.variants import VARIANTS
@@ -479,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
             pr.add_argument(flag, required=True)
         elif f.name == "variant":
             pr.add_argument(flag, default=f.default, choices=sorted(VARIANTS))
+        elif isinstance(f.default, bool):
+            pr.add_argument(flag, default=f.default, type=_flag_bool, metavar="{true,false}")
         else:
             pr.add_argument(flag, type=type(f.default), default=f.default)
     pr.add_argument("--stop-after", type=int, default=None,

@@ -193,6 +193,27 @@ def test_cli_stop_after_then_ship_writes_the_command_that_regenerates_it(data_di
     assert "--steps 8" in card and "--stop-after 4" in card and "4 steps of 4 x 32 tokens" in card
 
 
+def test_untied_run_resumes_ships_and_loads_with_its_own_lm_head(data_dir, tmp_path):
+    from sinkutils import models
+
+    flags = ["--n-layer", "1", "--d-model", "32", "--n-head", "4", "--n-kv-head", "4", "--d-ff", "64", "--seq-len", "32",
+             "--batch-size", "4", "--steps", "6", "--warmup", "2", "--eval-every", "3", "--eval-batches", "1",
+             "--threads", "1", "--device", "cpu", "--tie-embeddings", "false"]
+    train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "whole"), *flags])
+    train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "split"), *flags, "--stop-after", "3"])
+    train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "split"), *flags])
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert "lm_head.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], a["model.embed_tokens.weight"])
+    dest = train.ship(str(tmp_path / "whole"), "untied", dest_root=tmp_path / "shipped")
+    assert "untied embeddings" in (dest / "MODEL_CARD.md").read_text()
+    assert "--tie-embeddings False" in (dest / "MODEL_CARD.md").read_text()
+    model, _ = models.load(str(dest), device="cpu")
+    assert torch.equal(model.lm_head.weight.detach(), a["lm_head.weight"])
+    with pytest.raises(SystemExit):
+        train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "x"), "--tie-embeddings", "maybe"])
+
+
 def test_torchrun_two_processes_follow_the_single_process_run(data_dir, tmp_path):
     """2 CPU processes (gloo), each half of every batch: same trajectory up to float summation order."""
     args = dict(variant="gated", steps=6, eval_every=3)
