@@ -1,8 +1,10 @@
 """Every chapter executes under the cpu profile, as the book build runs it (papermill, parameters from
 profiles/cpu.yml), keeps its figures, and a failing cell fails with the chapter and cell named."""
+import ast
 import json
 
 import nbformat
+import papermill
 import pytest
 
 from sinkutils import book, models
@@ -35,6 +37,9 @@ def test_every_chapter_has_parameters_and_setup_cells():
         assert "parameters" in code[1].metadata.get("tags", []), f"{chapter}: second code cell must be parameters"
         assert not any(c.get("outputs") for c in code), f"{chapter} is committed with outputs"
         assert book.parameters("cpu", chapter)["model_name"] == "sinkbook-tiny"
+        assigned = {t.id for node in ast.parse(code[1].source).body for t in getattr(node, "targets", [])}
+        documented = papermill.inspect_notebook(str(book.ROOT / "chapters" / f"{chapter}.ipynb"))
+        assert set(documented) == assigned, f"{chapter}: papermill cannot read {assigned - set(documented)}"
 
 
 def one_chapter_root(tmp_path, name: str, sources: list[str], defaults: dict):
