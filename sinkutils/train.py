@@ -291,6 +291,14 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def _load_weights(model, cfg: TrainConfig, ckpt: Path) -> None:
+    """``ckpt``'s weights into ``model``, refusing any that do not fit (a tied model's lm_head is not saved)."""
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+        raise ValueError(f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+
+
 def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]:
     """Load weights and optimizer state after checking that the checkpoint is a run of this very configuration."""
     saved = json.loads((ckpt / "state.json").read_text())
@@ -304,10 +312,7 @@ def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]
     if saved.get("data_sha256", ours := data_fingerprint(cfg.data_dir)) != ours:
         raise ValueError(f"{ckpt.parent} was trained on other token streams than {cfg.data_dir}/tokens.safetensors; "
                          f"rebuild the data with the same `prepare` (same packages and vocab size) or use another --out-dir")
-    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
-        raise ValueError(f"{ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
+    _load_weights(model, cfg, ckpt)
     _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), saved["optimizer"])
     return saved["step"], saved["log"], saved.get("seconds", 0.0)
 
@@ -405,8 +410,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     cfg = TrainConfig(**saved["config"])
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
     model = make_model(cfg, len(tokenizer))
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    model.tie_weights()
+    _load_weights(model, cfg, ckpt)
     dest = (dest_root or models.CHECKPOINTS) / name
     if dest.exists():
         shutil.rmtree(dest)

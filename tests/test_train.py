@@ -210,6 +210,9 @@ def test_untied_run_resumes_ships_and_loads_with_its_own_lm_head(data_dir, tmp_p
     assert "--tie-embeddings False" in (dest / "MODEL_CARD.md").read_text()
     model, _ = models.load(str(dest), device="cpu")
     assert torch.equal(model.lm_head.weight.detach(), a["lm_head.weight"])
+    save_file({k: v for k, v in a.items() if k != "lm_head.weight"}, tmp_path / "whole" / "checkpoint" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing.*lm_head"):  # an untied model without its lm_head is refused
+        train.ship(str(tmp_path / "whole"), "broken", dest_root=tmp_path / "shipped")
     with pytest.raises(SystemExit):
         train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "x"), "--tie-embeddings", "maybe"])
 
