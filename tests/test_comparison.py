@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sinkutils import comparison, data, metrics, models, train
+from sinkutils import comparison, data, metrics, models
 from tests.departures import departs
 from tests.test_trace import eager_reference, tiny
 from tests.test_train import data_dir  # noqa: F401  (fixture: a tiny prepared corpus)

@@ -385,7 +385,7 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
             assert math["typeset"] == math["math"] and not math["merror"], f"{name}: math not typeset: {math}"
             assert not math["raw"], f"{name}: raw TeX in the page text: {math['raw']}"
             # figures: every image loaded
-            page.wait_for(f"[...document.querySelectorAll('article img')].every(i => i.complete)", 30, "images")
+            page.wait_for("[...document.querySelectorAll('article img')].every(i => i.complete)", 30, "images")
             images = page.evaluate(JS_IMAGES)
             assert [i for i in images if not i["widget"]], f"{name}: no figure on the page"
             assert all(i["width"] > 0 for i in images), f"{name}: broken images {[i for i in images if not i['width']]}"
