@@ -52,7 +52,7 @@ def head_imbalance(model, ids: torch.Tensor, min_query: int = 4, batch_size: int
         raise ValueError(f"sequences of {ids.shape[1]} tokens leave no query at positions >= min_query={min_query}")
     sums = {"entropy": 0.0, "variance": 0.0, "sink": 0.0}
     n = 0
-    for chunk in measure._batches(ids, batch_size, "head imbalance"):
+    for chunk in measure.batches(ids, batch_size, "head imbalance"):
         with trace.record(model, "attn.entropy", "attn.sink", "attn.head_out") as rec:
             model(input_ids=chunk.to(model.device))
         var = metrics.dimension_variance(rec["attn.head_out"].float())  # (L, B, T, H)
@@ -127,7 +127,7 @@ def first_share(model, ids: torch.Tensor, min_query: int = 4, batch_size: int = 
     this share is what compares with softmax attention. It needs the attention maps: for the small comparison
     models only (heads x T x T per layer)."""
     total, n = 0.0, 0
-    for chunk in measure._batches(ids, batch_size, "share of token 0"):
+    for chunk in measure.batches(ids, batch_size, "share of token 0"):
         with trace.record(model, "attn.pattern") as rec:
             model(input_ids=chunk.to(model.device))
         w = rec["attn.pattern"].float()[..., min_query:, :]  # (L, B, H, T - min_query, S)

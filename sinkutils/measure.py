@@ -10,7 +10,9 @@ from tqdm.auto import tqdm
 from sinkutils import metrics, trace
 
 
-def _batches(ids: torch.Tensor, batch_size: int, desc: str):
+def batches(ids: torch.Tensor, batch_size: int, desc: str):
+    """``ids`` (sequences, tokens) in forward passes of ``batch_size`` sequences, with a progress bar named ``desc``:
+    every measurement over a batch of text (here, in ``structure`` and in ``comparison``) loops over this."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
     chunks = ids.split(batch_size)
@@ -53,7 +55,7 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
                  batch_size: int = 8) -> SinkProfile:
     """Attention to token 0 and token 0's input norm, per layer, averaged over the rows of ``ids``."""
     sinks, first, other = [], [], []
-    for chunk in _batches(ids, batch_size, "sink profile"):
+    for chunk in batches(ids, batch_size, "sink profile"):
         with trace.record(model, "attn.sink", "resid") as rec:
             model(input_ids=chunk.to(model.device))
         sinks.append(rec["attn.sink"].float().cpu())
@@ -151,7 +153,7 @@ def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None, 
     groups = [layers[i:i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
     sums = {name: {} for name in ("measured", "predicted", "value_var", "sum_p2")}
     n = 0
-    for chunk in _batches(ids, batch_size, "variance profile"):
+    for chunk in batches(ids, batch_size, "variance profile"):
         for group in groups:
             values: dict[int, torch.Tensor] = {}
             hooks = _value_hooks(model, group, values)
@@ -179,7 +181,7 @@ def position_variance(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Te
     """(layers, heads, T) dimension-wise variance of per-head attention outputs, mean over sequences; no
     attention maps, so cheap at any length (chapter 3 compares it with and without an intervention)."""
     total, n = 0, 0
-    for chunk in _batches(ids, batch_size, "position variance"):
+    for chunk in batches(ids, batch_size, "position variance"):
         with trace.record(model, "attn.head_out") as rec:
             model(input_ids=chunk.to(model.device))
         total = total + metrics.dimension_variance(rec["attn.head_out"]).sum(1).transpose(1, 2).cpu()
@@ -197,7 +199,7 @@ def attention_to(model, ids: torch.Tensor, key: int, batch_size: int = 8, progre
     if not 0 <= key < ids.shape[-1] - 1:
         raise ValueError(f"key {key} needs later queries: choose 0..{ids.shape[-1] - 2} for sequences of "
                          f"{ids.shape[-1]} tokens")
-    chunks = _batches(ids, batch_size, f"attention to {key}") if progress else ids.split(batch_size)
+    chunks = batches(ids, batch_size, f"attention to {key}") if progress else ids.split(batch_size)
     total, n = 0, 0
     for chunk in chunks:
         with trace.record(model, "attn.sink", sink_index=key) as rec:
@@ -258,7 +260,7 @@ def attention_received(model, ids: torch.Tensor, layer: int, batch_size: int = 1
     T = ids.shape[1]
     later = torch.tril(torch.ones(T, T, device=model.device), diagonal=-1)  # query t > key j
     total, n = 0, 0
-    for chunk in _batches(ids, batch_size, f"attention received, layer {layer}"):
+    for chunk in batches(ids, batch_size, f"attention received, layer {layer}"):
         with trace.record(model, "attn.pattern", layers=[layer]) as rec:
             model(input_ids=chunk.to(model.device))
         p = rec["attn.pattern"][0].float()  # (B, H, T, S)

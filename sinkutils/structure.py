@@ -111,7 +111,7 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     acc = {l: dict(first=0.0, later=0.0, vin=0.0, vout=0.0) for l in layers}
     n = 0
     blocks = trace.decoder_layers(model)
-    for chunk in measure._batches(ids, batch_size, "W_O alignment"):
+    for chunk in measure.batches(ids, batch_size, "W_O alignment"):
         with trace.record(model, "attn.head_out", layers=layers) as rec:
             model(input_ids=chunk.to(model.device))
         heads = rec["attn.head_out"]
@@ -225,7 +225,7 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
             raise ValueError(f"layer {l}: neurons {bad or neurons[l]} invalid; this FFN has neurons 0..{width - 1}")
     parts = {l: dict(cos=[], up=[], act=[], first=0.0, later=0.0) for l in layers}
     n = 0
-    for chunk in measure._batches(ids, batch_size, "neuron activity"):
+    for chunk in measure.batches(ids, batch_size, "neuron activity"):
         with _record_with_inputs(model, layers, "attn.head_out", "mlp.act") as (inputs, rec):
             model(input_ids=chunk.to(model.device))
         h_in, heads, acts = inputs(), rec["attn.head_out"], rec["mlp.act"]
@@ -330,7 +330,7 @@ def residual_profile(model, ids: torch.Tensor, with_rank: bool = True, batch_siz
     acc = dict(first_sq=0.0, later_sq=0.0, first_dom=0.0, later_dom=0.0, first_norm=0.0, later_norm=0.0,
                rank=0.0, rank_later=0.0)
     n = 0
-    for chunk in measure._batches(ids, batch_size, "residual profile"):
+    for chunk in measure.batches(ids, batch_size, "residual profile"):
         with trace.record(model, "resid") as rec:
             model(input_ids=chunk.to(model.device))
         h = rec["resid"].float()  # (L+1, B, T, d)
@@ -395,7 +395,7 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
         raise ValueError("need at least two sequences to compare directions")
     blocks = trace.decoder_layers(model)
     states = {0: [], position: []}
-    for chunk in measure._batches(ids, batch_size, "direction lock"):
+    for chunk in measure.batches(ids, batch_size, "direction lock"):
         with trace.record(model, "resid") as rec:
             model(input_ids=chunk.to(model.device))
         h = rec["resid"][:-1]  # inputs of layers 0..L-1
@@ -476,7 +476,7 @@ def qk_locking(model, ids: torch.Tensor, layers: list[int] | None = None, min_qu
     dirs = {l: query_principal_directions(model, l) for l in layers}
     align, pos, sinks = {l: 0.0 for l in layers}, {l: 0.0 for l in layers}, []
     n = 0
-    for chunk in measure._batches(ids, batch_size, "QK locking"):
+    for chunk in measure.batches(ids, batch_size, "QK locking"):
         with trace.record(model, "attn.sink", layers=layers) as rec:
             logits = sink_logits(model, chunk, layers)
         sinks.append(rec["attn.sink"][..., min_query:].float().mean(-1).cpu())  # (layers, B, H)
