@@ -47,7 +47,7 @@ def test_a_middle_layer_sinks_with_every_head_after_token0_norm_jumps(profile):
 
 @departs("the sink is confined to the middle layers (the last layers attend to token 0 far less than 0.3; "
          "so did they in every longer, deeper, wider-headed, untied, higher-weight-decay and other-context run "
-         "tried, at most 0.21): see the tables in "
+         "tried, at most 0.22): see the tables in "
          "sinkutils/checkpoints/sinkbook-tiny/MODEL_CARD.md")
 def test_sink_from_some_layer_on(profile):
     a = profile.attention_to_first
