@@ -10,13 +10,14 @@ from tqdm.auto import tqdm
 from sinkutils import metrics, trace
 
 
-def batches(ids: torch.Tensor, batch_size: int, desc: str):
-    """``ids`` (sequences, tokens) in forward passes of ``batch_size`` sequences, with a progress bar named ``desc``:
-    every measurement over a batch of text (here, in ``structure`` and in ``comparison``) loops over this."""
+def batches(ids: torch.Tensor, batch_size: int, desc: str, progress: bool = True):
+    """``ids`` (sequences, tokens) in forward passes of ``batch_size`` sequences, with a progress bar named ``desc``
+    (none with ``progress=False``, e.g. inside a sweep that has its own): every measurement over a batch of text
+    (here, in ``structure`` and in ``comparison``) loops over this."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
     chunks = ids.split(batch_size)
-    return _progress(chunks, desc, quiet=len(chunks) == 1)
+    return _progress(chunks, desc, quiet=not progress or len(chunks) == 1)
 
 
 def _progress(items, desc: str, quiet: bool = False):
@@ -199,9 +200,8 @@ def attention_to(model, ids: torch.Tensor, key: int, batch_size: int = 8, progre
     if not 0 <= key < ids.shape[-1] - 1:
         raise ValueError(f"key {key} needs later queries: choose 0..{ids.shape[-1] - 2} for sequences of "
                          f"{ids.shape[-1]} tokens")
-    chunks = batches(ids, batch_size, f"attention to {key}") if progress else ids.split(batch_size)
     total, n = 0, 0
-    for chunk in chunks:
+    for chunk in batches(ids, batch_size, f"attention to {key}", progress):
         with trace.record(model, "attn.sink", sink_index=key) as rec:
             model(input_ids=chunk.to(model.device))
         total = total + rec["attn.sink"][..., key + 1:].float().mean(-1).sum(1).cpu()  # (L, H)

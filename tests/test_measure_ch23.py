@@ -70,6 +70,8 @@ def test_attention_to_and_received_match_the_full_maps():
     maps = rec["attn.pattern"]  # (L, B, H, T, S)
     torch.testing.assert_close(measure.attention_to(model, ids, 3, batch_size=3), maps[..., 4:, 3].mean((1, 3)),
                                atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="sequences, tokens"):  # checked with or without a progress bar
+        measure.attention_to(model, ids[0], 3, progress=False)
     got = measure.attention_received(model, ids, 1, batch_size=3)
     want = torch.stack([maps[1, :, :, j + 1:, j].mean() for j in range(15)])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
