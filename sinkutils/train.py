@@ -30,6 +30,17 @@ from tqdm.auto import tqdm
 from sinkutils import data
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama's order: unk=0, bos=1, eos=2
+#: Where BOS stands in a training row. "always": every row is BOS + a window, so position 0 *is* the BOS token
+#: (an identity sink can form on its embedding). "documents": windows of the packed stream in which BOS opens
+#: each document, as Llama's pretraining packs them; position 0 is mostly an ordinary token. "never": plain
+#: windows of the EOS-separated stream, as GPT-2/nanoGPT pack them; only the causal structure marks position 0.
+BOS_MODES = ("always", "documents", "never")
+ROW_TEXT = {  # the model card's line for each mode
+    "always": "every training row is BOS + {m} tokens cut at a seeded offset of the token stream",
+    "documents": "every training row is {n} tokens cut at a seeded offset of the packed stream, BOS opening each "
+                 "document (position 0 is mostly an ordinary token)",
+    "never": "every training row is {n} tokens cut at a seeded offset of the EOS-separated stream, no BOS anywhere "
+             "(position 0 is an ordinary token)"}
 
 
 @dataclasses.dataclass
@@ -51,6 +62,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     tie_embeddings: bool = True   # False: a separate lm_head, as in Llama-2/3 (SmolLM ties)
+    bos: str = "always"           # "always": BOS + window; "documents": BOS only where a document starts; "never"
     synthetic_frac: float = 0.0   # share of each batch that is synthetic instead of text
     synthetic_task: str = "random"  # "random": uniform tokens; "bigram_backcopy": Guo et al. 2024 (data.py)
     synthetic_vocab: int = 64     # bigram_backcopy uses token ids 4 .. 4 + synthetic_vocab
@@ -59,6 +71,7 @@ class TrainConfig:
     ckpt_every: int = 250
     seed: int = 0
     threads: int = 0              # 0: torch's default
+    compile: bool = False         # torch.compile the model for the training steps (benchmarks/train_throughput.py)
     device: str = "auto"          # auto: this process's GPU (LOCAL_RANK under torchrun) if any, else cpu
 
     def validate(self) -> None:
@@ -75,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.bos not in BOS_MODES:
+            raise ValueError(f"unknown bos {self.bos!r}; choose one of {BOS_MODES}")
         if self.synthetic_task not in ("random", "bigram_backcopy"):
             raise ValueError(f"unknown synthetic_task {self.synthetic_task!r}; choose 'random' or 'bigram_backcopy'")
         if not 0 <= self.synthetic_frac <= 1 or not 0 <= self.min_lr_ratio <= 1:
@@ -89,9 +104,9 @@ class TrainConfig:
 
     def run_fields(self) -> dict:
         """What decides the weights and the log: a resume must match all of it. Free to change between
-        resumes: where output goes, threads, device, and how often to evaluate or checkpoint; the data folder
+        resumes: where output goes, threads, device, compilation, and how often to evaluate or checkpoint; the data folder
         may move, its token streams are compared by content (``data_fingerprint``)."""
-        free = ("out_dir", "data_dir", "threads", "device", "eval_every", "ckpt_every")  # data: by content
+        free = ("out_dir", "data_dir", "threads", "device", "eval_every", "ckpt_every", "compile")  # data: by content
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
@@ -135,20 +150,45 @@ def prepare(data_dir: str, vocab_size: int = 4096) -> None:
         "train_docs": len(train_texts), "environment": data.describe_environment()}, indent=1))
 
 
+def with_document_bos(stream: torch.Tensor, bos_id: int, eos_id: int) -> torch.Tensor:
+    """The packed stream with BOS opening every document (before the first, and after each EOS but the last)."""
+    ends = (stream == eos_id).nonzero().flatten() + 1
+    ends = ends[ends < len(stream)]
+    out = torch.full((len(stream) + len(ends) + 1,), bos_id, dtype=stream.dtype)
+    keep = torch.ones(len(out), dtype=torch.bool)
+    keep[0] = False
+    keep[ends + 1 + torch.arange(len(ends))] = False
+    out[keep] = stream
+    return out
+
+
 def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_size: int,
           split_seed: int = 0) -> torch.Tensor:
-    """Rows of BOS + (seq_len - 1) tokens at offsets drawn from (seed, step): resumable by construction."""
+    """``cfg.batch_size`` rows of ``cfg.seq_len`` tokens at offsets drawn from (seed, step): resumable by
+    construction. With ``cfg.bos == "always"`` each row is BOS + (seq_len - 1) tokens; otherwise a plain window
+    of ``stream`` (pass ``with_document_bos(stream)`` for "documents")."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + split_seed)
+    width = cfg.seq_len - 1 if cfg.bos == "always" else cfg.seq_len
     starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=g)
-    rows = torch.stack([stream[s:s + cfg.seq_len - 1] for s in starts.tolist()]).long()
+    rows = torch.stack([stream[s:s + width] for s in starts.tolist()]).long()
     n_syn = round(cfg.synthetic_frac * cfg.batch_size)
     if n_syn and cfg.synthetic_task == "random":
-        rows[:n_syn] = data.random_token_batch(vocab_size, n_syn, cfg.seq_len - 1, bos_id=None,
+        rows[:n_syn] = data.random_token_batch(vocab_size, n_syn, width, bos_id=None,
                                                seed=cfg.seed * 1_000_003 + step)
     elif n_syn:
-        rows[:n_syn] = data.bigram_backcopy(n_syn, cfg.seq_len - 1, min(vocab_size, 4 + cfg.synthetic_vocab),
+        rows[:n_syn] = data.bigram_backcopy(n_syn, width, min(vocab_size, 4 + cfg.synthetic_vocab),
                                             seed=cfg.seed * 1_000_003 + step)
+    if cfg.bos != "always":
+        return rows
     return torch.cat([torch.full((cfg.batch_size, 1), bos_id), rows], dim=1)
+
+
+def training_streams(data_dir: str | Path, cfg: TrainConfig, bos_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """The prepared train and validation streams, with BOS at document starts when ``cfg.bos == "documents"``."""
+    streams = load_file(Path(data_dir) / "tokens.safetensors")
+    if cfg.bos == "documents":
+        streams = {k: with_document_bos(v, bos_id, eos_id) for k, v in streams.items()}
+    return streams
 
 
 # ----------------------------------------------------------------------------- model and loop
@@ -185,7 +225,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = list(model.parameters())
     return torch.optim.AdamW([{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
                               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95))
+                             lr=cfg.lr, betas=(0.9, 0.95), foreach=True)  # one kernel per op: 1.06x on CPU
 
 
 def train_step(model, opt: torch.optim.Optimizer, cfg: TrainConfig, ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -203,7 +243,8 @@ def train_step(model, opt: torch.optim.Optimizer, cfg: TrainConfig, ids: torch.T
 
 @torch.no_grad()
 def evaluate(model, val: torch.Tensor, cfg: TrainConfig, bos_id: int, vocab_size: int) -> dict:
-    """Validation loss and mean attention to token 0 per layer (queries at positions >= 4)."""
+    """Validation loss and mean attention to token 0 per layer (queries at positions >= 4), on validation rows
+    built as the training rows are (so with ``cfg.bos != "always"`` token 0 is mostly an ordinary token)."""
     from sinkutils import trace
 
     model.eval()
@@ -347,19 +388,19 @@ def _train(cfg: TrainConfig, stop_after: int | None, rank: int, world: int, devi
 
     out = Path(cfg.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
-    streams = load_file(Path(cfg.data_dir) / "tokens.safetensors")
     bos, vocab = tokenizer.bos_token_id, len(tokenizer)
+    streams = training_streams(cfg.data_dir, cfg, bos, tokenizer.eos_token_id)
     model = make_model(cfg, vocab).to(device)
     opt = make_optimizer(model, cfg)
     step, log, seconds = 0, [], 0.0
     ckpt = _latest_checkpoint(out)
     if ckpt is not None:
         step, log, seconds = _resume(model, opt, cfg, ckpt)
-    net = model
+    net = torch.compile(model) if cfg.compile else model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -431,7 +472,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     corpus = json.loads((Path(cfg.data_dir) / "corpus.json").read_text())
     defaults = dataclasses.asdict(TrainConfig(data_dir="", out_dir=""))
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["config"].items()
-                     if k not in ("data_dir", "out_dir", "threads", "device") and v != defaults[k])
+                     if k not in ("data_dir", "out_dir", "threads", "device", "compile") and v != defaults[k])
     vocab = len(tokenizer)
     stop = f" --stop-after {saved['step']}" if saved["step"] < cfg.steps else ""
     (dest / "MODEL_CARD.md").write_text(f"""# {name}
@@ -444,7 +485,7 @@ offline. Variant: `{cfg.variant}`.
 
 - corpus: {corpus['train']} ({corpus['train_docs']} docstrings); validation: {corpus['val']} (never trained on)
 - environment when the corpus was built: {corpus['environment']}
-- every training row is BOS + {cfg.seq_len - 1} tokens cut at a seeded offset of the token stream
+- {ROW_TEXT[cfg.bos].format(n=cfg.seq_len, m=cfg.seq_len - 1)}
 - seed {cfg.seed}; {saved['step']} steps of {cfg.batch_size} x {cfg.seq_len} tokens = {metrics['tokens_seen']:,} tokens seen,
   {metrics['train_seconds']} s of training; AdamW (0.9, 0.95), peak lr {cfg.lr}, weight decay {cfg.weight_decay},
   warmup {cfg.warmup}, cosine to {cfg.min_lr_ratio} x lr over {cfg.steps} steps

@@ -236,3 +236,32 @@ def test_torchrun_two_processes_follow_the_single_process_run(data_dir, tmp_path
     for x, y in zip(single["log"], log):
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
+
+
+def test_document_bos_opens_every_document_and_keeps_the_stream():
+    """"documents": BOS before the first document and after every EOS but a final one; nothing else moves."""
+    stream = torch.tensor([5, 6, 2, 7, 8, 9, 2, 10, 2], dtype=torch.int32)
+    out = train.with_document_bos(stream, bos_id=1, eos_id=2)
+    assert out.tolist() == [1, 5, 6, 2, 1, 7, 8, 9, 2, 1, 10, 2]
+    assert torch.equal(out[out != 1], stream)
+
+
+@pytest.mark.parametrize("bos", train.BOS_MODES)
+def test_rows_follow_the_bos_mode(bos):
+    """"always" puts BOS at position 0 and nowhere else; "never" and "documents" are plain windows of the
+    stream they are given, so position 0 is whatever token the offset lands on."""
+    stream = torch.arange(4, 404, dtype=torch.int32)  # no special token anywhere
+    cfg = train.TrainConfig(data_dir="-", out_dir="-", seq_len=16, batch_size=8, bos=bos)
+    rows = train.batch(stream, cfg, step=3, bos_id=1, vocab_size=404)
+    assert rows.shape == (8, 16)
+    if bos == "always":
+        assert (rows[:, 0] == 1).all() and (rows[:, 1:] != 1).all()
+        assert (rows[:, 2:] - rows[:, 1:-1] == 1).all()
+    else:
+        assert (rows != 1).all() and (rows[:, 1:] - rows[:, :-1] == 1).all()
+        assert len(set(rows[:, 0].tolist())) > 1  # position 0 is an ordinary, varying token
+
+
+def test_unknown_bos_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown bos 'sometimes'; choose one of"):
+        train.TrainConfig(data_dir="-", out_dir="-", bos="sometimes").validate()
