@@ -1,7 +1,8 @@
 """Text sources for every chapter: WikiText-2 when reachable, an offline corpus otherwise, random tokens.
 
 BOS handling (the sink numbers depend on it): every sequence this module hands to a model starts with the
-tokenizer's BOS token at position 0, as Llama's tokenizer does by default. ``random_token_batch`` keeps that
+tokenizer's BOS token at position 0, as Llama's and Mistral's tokenizers do by default (Qwen2's has no BOS: its
+EOS ``<|endoftext|>``, the document separator, takes that place; see ``start_token``). ``random_token_batch`` keeps that
 BOS and draws the rest uniformly, so "random tokens" means random *content* after a normal first token;
 pass ``bos=False`` to make position 0 random too.
 """
@@ -70,17 +71,29 @@ def python_docs() -> list[str]:
     return [topics[k].strip() for k in sorted(topics) if len(topics[k]) >= MIN_DOCSTRING_CHARS]
 
 
-def wikitext2(split: str = "test") -> list[str] | None:
-    """WikiText-2 raw paragraphs through ``datasets`` when it is installed and reachable, else None."""
-    if importlib.util.find_spec("datasets") is None:
+#: WikiText-2 (raw), test split: the hub dataset repo and the parquet file ``wikitext2`` reads
+WIKITEXT_REPO = "Salesforce/wikitext"
+WIKITEXT_FILE = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+
+
+def wikitext2() -> list[str] | None:
+    """WikiText-2 raw paragraphs (the test split, as the paper measures on), else None.
+
+    The parquet file ``WIKITEXT_FILE`` of the hub dataset ``WIKITEXT_REPO`` is read with ``pyarrow`` (the gpu
+    profile's extra, ``requirements-gpu.txt``): downloaded once when the hub is reachable, from the Hugging Face
+    cache (``HF_HOME``) when it is not or ``HF_HUB_OFFLINE=1``. None when pyarrow is missing or neither has it.
+    """
+    if importlib.util.find_spec("pyarrow") is None:
         return None
     try:
-        import datasets
+        import pyarrow.parquet as pq
+        from huggingface_hub import hf_hub_download
 
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
-    except Exception:  # offline, hub unreachable, or no cache: the caller falls back
+        path = hf_hub_download(WIKITEXT_REPO, WIKITEXT_FILE, repo_type="dataset")
+        lines = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except Exception:  # offline without the cache, hub unreachable: the caller falls back or says why
         return None
-    return [r["text"].strip() for r in rows if len(r["text"].strip()) >= MIN_DOCSTRING_CHARS]
+    return [t.strip() for t in lines if t and len(t.strip()) >= MIN_DOCSTRING_CHARS]
 
 
 def texts(source: str = "auto") -> tuple[str, list[str]]:
@@ -96,13 +109,33 @@ def texts(source: str = "auto") -> tuple[str, list[str]]:
         if rows:
             return "wikitext2", rows
         if source == "wikitext2":
-            raise RuntimeError("WikiText-2 is not reachable here (needs `datasets` and the hub or its cache); "
-                               "use source='python_docs' or 'auto'")
+            need = ("pyarrow is not installed (`PROFILE=gpu bash run.sh book` installs it, or "
+                    "`.venv/bin/python -m pip install -r requirements-gpu.txt`)"
+                    if importlib.util.find_spec("pyarrow") is None else
+                    f"{WIKITEXT_REPO}/{WIKITEXT_FILE} is neither downloadable (hub unreachable or HF_HUB_OFFLINE=1) "
+                    f"nor in the Hugging Face cache (HF_HOME={_hf_home()})")
+            raise RuntimeError(f"WikiText-2 is not available here: {need}; or use source='python_docs' or 'auto'")
     return "python_docs", python_docs()
 
 
+def _hf_home() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HOME
+
+
+def start_token(tokenizer) -> int:
+    """The id every sequence starts with: the tokenizer's BOS, or for a tokenizer without one (Qwen2) its EOS,
+    the document separator Qwen2 sees at the start of every packed document in pre-training."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the sequences with")
+
+
 def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
-    """``n`` sequences of exactly ``length`` tokens, each BOS + a window of one paragraph stream.
+    """``n`` sequences of exactly ``length`` tokens, each BOS (``start_token``) + a window of one paragraph stream.
 
     Paragraphs are joined (EOS between them) and cut at seeded random offsets, so every row is real text.
     """
@@ -120,7 +153,7 @@ def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int
     if len(stream) <= body:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than the {body} each sequence needs")
     rng = random.Random(seed)
-    rows = [[tokenizer.bos_token_id] + stream[s:s + body]
+    rows = [[start_token(tokenizer)] + stream[s:s + body]
             for s in (rng.randrange(len(stream) - body) for _ in range(n))]
     return torch.tensor(rows, dtype=torch.long)
 
