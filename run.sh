@@ -2,25 +2,93 @@
 # The README's two commands:
 #   bash run.sh book   set up .venv, execute every chapter (cpu profile), build the site into _build/html
 #   bash run.sh test   set up .venv, run the test suite
-# PROFILE=gpu bash run.sh book executes the GPU profile instead (needs a GPU and hub access).
+# PROFILE=gpu bash run.sh book executes the GPU profile instead (a GPU; the hub, or its models in the HF cache).
+#   bash run.sh book --only 01_sink --no-html --param n_texts=8   passes what follows `book` to sinkutils.book
 #   bash run.sh vendor re-creates book/vendor/ (the site's JavaScript) from npm at the pins below
 # BOOK_CACHE=<dir> bash run.sh book re-executes only the chapters that changed since they were cached there (CI).
+# PYTHON=python3.12 chooses the interpreter .venv is made with (it must satisfy pyproject's requires-python).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "${BASH_SOURCE[0]}")"
 VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}  # PyTorch's index of CPU-only wheels
 
-setup() {
+python_floor() {  # the one place the minimum Python is stated: pyproject.toml's requires-python
+  sed -n 's/^requires-python = ">=\([0-9]*\.[0-9]*\)".*/\1/p' pyproject.toml
+}
+
+check_python() {  # $1: an interpreter; stops unless it is at least pyproject's requires-python
+  local floor have hmaj hmin fmaj fmin
+  floor=$(python_floor)
+  if ! have=$("$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+    echo "run.sh: cannot run '$1'; sinkbook needs Python $floor or newer: install it and set PYTHON=python$floor" >&2
+    exit 1
+  fi
+  IFS=. read -r hmaj hmin <<<"$have"
+  IFS=. read -r fmaj fmin <<<"$floor"
+  if (( hmaj < fmaj || (hmaj == fmaj && hmin < fmin) )); then
+    echo "run.sh: sinkbook needs Python $floor or newer (pyproject.toml requires-python; its pinned numpy and" \
+         "scipy do), but '$1' is Python $have. Install Python $floor+ and run again with PYTHON=python$floor" \
+         "(remove $VENV first if it was made with the older Python)." >&2
+    exit 1
+  fi
+}
+
+has_cuda() {  # an NVIDIA driver that sees a GPU
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+
+torch_plan() {  # $1: the venv's python. Prints pip's arguments for torch; says on stderr which build and its size
+  local resolved
+  if has_cuda; then
+    echo "run.sh: installing torch $TORCH_VERSION with CUDA (an NVIDIA GPU is present): about 3 GB with its nvidia-* wheels" >&2
+    echo "torch==$TORCH_VERSION"
+    return
+  fi
+  if [ "$(uname -s)" != Linux ]; then  # PyPI's macOS and Windows wheels are CPU builds already
+    echo "run.sh: installing torch $TORCH_VERSION (CPU build on $(uname -s)): about 100-250 MB" >&2
+    echo "torch==$TORCH_VERSION"
+    return
+  fi
+  # On Linux PyPI's torch is the CUDA build; a configured index (CI's extra index, a local wheel) may give +cpu
+  resolved=$("$1" -m pip install --dry-run --no-deps --quiet --report - "torch==$TORCH_VERSION" 2>/dev/null |
+    "$1" -c 'import json, sys; print(next(i["metadata"]["version"] for i in json.load(sys.stdin)["install"]))' \
+    2>/dev/null) || resolved=""
+  if [[ "$resolved" == *+cpu ]]; then
+    echo "run.sh: installing torch $resolved, the CPU build pip finds here (no NVIDIA GPU): about 200 MB" >&2
+    echo "torch==$TORCH_VERSION"
+  else
+    echo "run.sh: installing torch $TORCH_VERSION, the CPU build, from $TORCH_CPU_INDEX (no NVIDIA GPU; PyPI's" \
+         "default is the ~3 GB CUDA build): about 200 MB" >&2
+    echo "--index-url $TORCH_CPU_INDEX torch==$TORCH_VERSION"
+  fi
+}
+
+setup() {  # $1: the requirements file (requirements.txt; requirements-gpu.txt for the gpu profile and the tests)
+  local reqs=$1
   if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+    check_python "$PYTHON"
+    "$PYTHON" -m venv "$VENV"
   fi
   local py="$VENV/bin/python"
-  if ! "$py" -c "import torch" 2>/dev/null; then
-    # The CPU build; a bare `torch` would pull a multi-GB CUDA build.
-    "$py" -m pip install -q "torch==2.13.0"
+  check_python "$py"
+  # installed already (same pins, same package metadata): skip pip; delete the stamp to force a reinstall
+  local stamp="$VENV/.sinkbook-installed" want
+  want="$reqs $(cat requirements.txt "$reqs" pyproject.toml | cksum)"
+  if [ -f "$stamp" ] && grep -qxF "$want" "$stamp" && "$py" -c "import torch, sinkutils" 2>/dev/null; then
+    return
   fi
-  "$py" -m pip install -q -r requirements.txt
+  if ! "$py" -c "import torch" 2>/dev/null; then
+    local args
+    args=$(torch_plan "$py")
+    # shellcheck disable=SC2086  # $args is several words on purpose
+    "$py" -m pip install -q $args
+  fi
+  "$py" -m pip install -q -r "$reqs"
   "$py" -m pip install -q --no-deps -e .
   "$py" -m ipykernel install --sys-prefix --name python3 >/dev/null
+  echo "$want" >> "$stamp"
 }
 
 # The JavaScript the built pages load: require.js, the ipywidgets embed manager and MathJax (3.x, what
@@ -87,25 +155,28 @@ PY
   vendor_ok
 }
 
-chapter_key() {  # what an executed chapter depends on: its notebook, the profile, sinkutils/**, the pins
-  python3 - "$1" "$2" <<'PY'
+chapter_key() {  # what an executed chapter depends on: its notebook, the profile, sinkutils/**, the pins, $3: book's arguments
+  python3 - "$1" "$2" "${3:-}" <<'PY'
 import hashlib, sys
 from pathlib import Path
-chapter, profile = sys.argv[1:]
-files = [Path(f"chapters/{chapter}.ipynb"), Path(f"profiles/{profile}.yml"), Path("requirements.txt")]
+chapter, profile, args = sys.argv[1:]
+files = [Path(f"chapters/{chapter}.ipynb"), Path(f"profiles/{profile}.yml"), Path("requirements.txt"),
+         Path("requirements-gpu.txt")]
 files += sorted(p for p in Path("sinkutils").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-digest = hashlib.sha256()
+digest = hashlib.sha256(args.encode())
 for path in files:
     digest.update(path.as_posix().encode() + b"\0" + path.read_bytes())
 print(digest.hexdigest()[:20])
 PY
 }
 
-book() {
+book() {  # "$@": more arguments for sinkutils.book (--only, --no-html, --param NAME=YAML, ...)
   local py="$VENV/bin/python" profile=${PROFILE:-cpu}
-  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+  if [ "$profile" = cpu ]; then
+    export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # embedded models and shipped text: nothing to download
+  fi  # other profiles: the hub when reachable, else the cache (sinkutils.preflight checks both before any chapter)
   if [ -z "${BOOK_CACHE:-}" ]; then
-    "$py" -m sinkutils.book --profile "$profile"
+    "$py" -m sinkutils.book --profile "$profile" "$@"
     return
   fi
   # Executed chapters are kept in $BOOK_CACHE as <chapter>-<key>.ipynb; a hit is copied into the stage and
@@ -114,7 +185,7 @@ book() {
   mkdir -p "$BOOK_CACHE" "$stage"
   for nb in chapters/[0-9][0-9]_*.ipynb; do
     ch=$(basename "$nb" .ipynb)
-    key="$ch-$(chapter_key "$ch" "$profile").ipynb"
+    key="$ch-$(chapter_key "$ch" "$profile" "$*").ipynb"
     keep+=("$key")
     if [ -f "$BOOK_CACHE/$key" ]; then
       cp "$BOOK_CACHE/$key" "$stage/$ch.ipynb"
@@ -124,11 +195,11 @@ book() {
   done
   echo "chapters reused from $BOOK_CACHE: $(( ${#keep[@]} - ${#missing[@]} )); to execute: ${missing[*]:-none}" >&2
   if [ ${#missing[@]} -eq 0 ]; then
-    "$py" -m sinkutils.book --profile "$profile" --only  # no chapter: the assignments (seconds), then the site
+    "$py" -m sinkutils.book --profile "$profile" "$@" --only  # no chapter: the assignments (seconds), then the site
   else
-    "$py" -m sinkutils.book --profile "$profile" --only "${missing[@]}"
+    "$py" -m sinkutils.book --profile "$profile" "$@" --only "${missing[@]}"
     for ch in "${missing[@]}"; do
-      cp "$stage/$ch.ipynb" "$BOOK_CACHE/$ch-$(chapter_key "$ch" "$profile").ipynb"
+      cp "$stage/$ch.ipynb" "$BOOK_CACHE/$ch-$(chapter_key "$ch" "$profile" "$*").ipynb"
     done
   fi
   for nb in "$BOOK_CACHE"/*.ipynb; do  # drop what no chapter uses any more
@@ -136,22 +207,30 @@ book() {
   done
 }
 
-case "${1:-}" in
-  vendor)
-    vendor
-    ;;
-  book)
-    setup
-    vendor
-    book
-    ;;
-  test)
-    setup
-    shift
-    HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest "$@"
-    ;;
-  *)
-    echo "usage: bash run.sh book | test [pytest args] | vendor" >&2
-    exit 2
-    ;;
-esac
+main() {
+  case "${1:-}" in
+    vendor)
+      vendor
+      ;;
+    book)
+      shift
+      if [ "${PROFILE:-cpu}" = cpu ]; then setup requirements.txt; else setup requirements-gpu.txt; fi
+      vendor
+      book "$@"
+      ;;
+    test)
+      shift
+      setup requirements-gpu.txt  # the tests rehearse the gpu profile too (tests/test_gpu_rehearsal.py)
+      HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest "$@"
+      ;;
+    *)
+      echo "usage: bash run.sh book [sinkutils.book arguments] | test [pytest arguments] | vendor" >&2
+      exit 2
+      ;;
+  esac
+}
+
+# `source run.sh` (tests) defines the functions without running anything
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

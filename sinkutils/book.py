@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
         raise SystemExit(f"unknown chapters {unknown}; choose from {chapters()}")
+    from sinkutils import preflight
+    preflight.ensure(args.profile, names, overrides)  # hub models and text reachable (or cached), before any chapter
     stage_dir = stage()
     timings = {}
     jobs = [("chapters", n) for n in names] + [("assignments", n) for n in ([] if args.no_assignments else assignments())]
