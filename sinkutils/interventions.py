@@ -23,6 +23,7 @@ later, run later) see the modified states.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Callable, Iterator, Sequence
 
@@ -31,13 +32,14 @@ import torch
 from sinkutils import compat, trace
 
 
-def check_position(k: int, seq_len: int | None = None, attended: bool = False) -> int:
+def check_position(k: int, seq_len: int | None = None, attended: bool = False, first: bool = False) -> int:
     """``k`` if it is a valid intervention position (1..T-1; 1..T-2 when ``attended``, i.e. when later queries
-    must exist to attend to it), else a ValueError saying what is valid."""
+    must exist to attend to it; from 0 with ``first``, for edits of token 0 itself), else a ValueError saying
+    what is valid."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise ValueError(f"position k must be an integer, got {k!r}")
     k = int(k)
-    if k < 1:
+    if k < 0 or (k == 0 and not first):
         raise ValueError(f"position k={k} is not allowed: token 0 already attends only to itself; "
                          f"choose k in 1..T-1")
     if seq_len is not None and k >= seq_len:
@@ -49,24 +51,20 @@ def check_position(k: int, seq_len: int | None = None, attended: bool = False) -
 
 
 def check_lambda(lam: float, minimum: float = 0.0) -> float:
-    """``lam`` as a float if it is a number >= ``minimum``, else a ValueError."""
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or lam != lam:
-        raise ValueError(f"lambda must be a number, got {lam!r}")
+    """``lam`` as a float if it is a finite number >= ``minimum``, else a ValueError (an infinite lambda
+    turns the edited output, and every curve after it, into NaN)."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
+        raise ValueError(f"lambda must be a finite number, got {lam!r}")
     if lam < minimum:
         raise ValueError(f"lambda={lam} is not allowed: it must be >= {minimum}")
     return float(lam)
 
 
 def check_layers(model, layers: Sequence[int] | None) -> set[int]:
-    """The set of layer indices (all when None), or a ValueError naming the valid range."""
-    n = len(trace.decoder_layers(model))
-    if layers is None:
-        return set(range(n))
-    chosen = list(layers)
-    bad = [l for l in chosen if isinstance(l, bool) or not isinstance(l, numbers.Integral) or not 0 <= l < n]
-    if bad or not chosen:
-        raise ValueError(f"layers {bad or chosen} out of range: this model has layers 0..{n - 1}")
-    return {int(l) for l in chosen}
+    """The set of layer indices (all when None), or a ValueError naming the valid range (``models.check_layers``)."""
+    from sinkutils.models import check_layers
+
+    return set(check_layers(model, layers))
 
 
 def check_edit_layer(model, layer: int) -> int:
@@ -153,14 +151,15 @@ def norm_scaled(x: torch.Tensor, lam: float) -> torch.Tensor:
 @contextlib.contextmanager
 def edit_head_output(model, k: int, layer: int, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace token ``k``'s per-head attention outputs (heads, head_dim) at ``layer`` by ``transform`` of
-    them, in the input of W_O. Enter before ``trace.record`` so the recorder sees the edited outputs."""
-    k = check_position(k)
+    them, in the input of W_O. Enter before ``trace.record`` so the recorder sees the edited outputs. ``k`` may be
+    0 (``origin.sink_origin`` zeroes token 0's output)."""
+    k = check_position(k, first=True)
     (layer,) = check_layers(model, [layer])
     attn = trace.decoder_layers(model)[layer].self_attn
 
     def hook(_m, args):
         x = args[0]
-        check_position(k, x.shape[1])
+        check_position(k, x.shape[1], first=True)
         x = x.clone()
         heads = x[:, k].unflatten(-1, (-1, attn.head_dim))
         x[:, k] = transform(heads).flatten(-2)
