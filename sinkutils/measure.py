@@ -10,13 +10,20 @@ from tqdm.auto import tqdm
 from sinkutils import metrics, trace
 
 
+def check_ids(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` if it is (sequences, tokens) with at least one sequence of at least 2 tokens, else a ValueError
+    naming the shape (an empty batch would otherwise fail deep inside the model)."""
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        shape = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
+        raise ValueError(f"ids must be (sequences, tokens) with at least 1 sequence of at least 2 tokens, got {shape}")
+    return ids
+
+
 def batches(ids: torch.Tensor, batch_size: int, desc: str, progress: bool = True):
     """``ids`` (sequences, tokens) in forward passes of ``batch_size`` sequences, with a progress bar named ``desc``
     (none with ``progress=False``, e.g. inside a sweep that has its own): every measurement over a batch of text
     (here, in ``structure`` and in ``comparison``) loops over this."""
-    if ids.dim() != 2 or ids.shape[1] < 2:
-        raise ValueError(f"ids must be (sequences, tokens) with at least 2 tokens, got {tuple(ids.shape)}")
-    chunks = ids.split(batch_size)
+    chunks = check_ids(ids).split(batch_size)
     return _progress(chunks, desc, quiet=not progress or len(chunks) == 1)
 
 
@@ -56,7 +63,9 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
                  batch_size: int = 8) -> SinkProfile:
     """Attention to token 0 and token 0's input norm, per layer, averaged over the rows of ``ids``."""
     sinks, first, other = [], [], []
-    for chunk in batches(ids, batch_size, "sink profile"):
+    chunks = batches(ids, batch_size, "sink profile")
+    metrics.check_min_query(min_query, ids.shape[1])
+    for chunk in chunks:
         with trace.record(model, "attn.sink", "resid") as rec:
             model(input_ids=chunk.to(model.device))
         sinks.append(rec["attn.sink"].float().cpu())
@@ -76,11 +85,11 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
 def attention_patterns(model, ids: torch.Tensor, layers: list[int] | None = None, length: int = 48) -> torch.Tensor:
     """(layers, heads, length, length) attention maps of the first ``length`` tokens of ``ids``' first row, for
     the chapter-1 heatmap widget: short enough that every layer and head can be pre-rendered."""
-    from sinkutils.models import check_layer
+    from sinkutils.models import check_layers
 
-    layers = list(range(len(trace.decoder_layers(model)))) if layers is None else [check_layer(model, l) for l in layers]
+    layers = check_layers(model, layers)
     with trace.record(model, "attn.pattern", layers=layers) as rec:
-        model(input_ids=ids[:1, :length].to(model.device))
+        model(input_ids=check_ids(ids)[:1, :length].to(model.device))
     return rec["attn.pattern"][:, 0].float().cpu()
 
 
@@ -148,9 +157,9 @@ def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None, 
 
     The prediction needs the attention maps (``attn.pattern``): at most ``layers_per_pass`` layers are held
     per forward pass, one batch of ``batch_size`` sequences at a time."""
-    from sinkutils.models import check_layer
+    from sinkutils.models import check_layers
 
-    layers = list(range(len(trace.decoder_layers(model)))) if layers is None else [check_layer(model, l) for l in layers]
+    layers = check_layers(model, layers)
     groups = [layers[i:i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
     sums = {name: {} for name in ("measured", "predicted", "value_var", "sum_p2")}
     n = 0

@@ -1,7 +1,18 @@
 """Every number the book reports about the paper's claims, each formula once."""
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+
+def check_min_query(min_query: int, length: int) -> int:
+    """``min_query`` if it is an integer in 0..length-1 (the first query position averaged over), else a
+    ValueError: a negative one would count from the end, one past the sequence leaves nothing (NaN)."""
+    if isinstance(min_query, bool) or not isinstance(min_query, numbers.Integral) or not 0 <= min_query < length:
+        raise ValueError(f"min_query={min_query!r} must be an integer in 0..{length - 1} for sequences of {length} "
+                         f"tokens")
+    return int(min_query)
 
 
 def mean_sink(sink: torch.Tensor, min_query: int = 4) -> torch.Tensor:
@@ -9,8 +20,7 @@ def mean_sink(sink: torch.Tensor, min_query: int = 4) -> torch.Tensor:
     over batch, heads and queries at positions >= ``min_query``."""
     if sink.dim() != 4:
         raise ValueError(f"expected attn.sink of shape (layers, batch, heads, T), got {tuple(sink.shape)}")
-    if sink.shape[-1] <= min_query:
-        raise ValueError(f"min_query={min_query} leaves no queries in a sequence of {sink.shape[-1]}")
+    check_min_query(min_query, sink.shape[-1])
     return sink[..., min_query:].float().mean(dim=(1, 2, 3))
 
 
@@ -18,6 +28,7 @@ def sink_rate(sink: torch.Tensor, epsilon: float = 0.3, min_query: int = 4) -> t
     """Fraction of heads per layer whose mean attention to the sink exceeds ``epsilon`` (Gu et al. 2024)."""
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon}")
+    check_min_query(min_query, sink.shape[-1])
     per_head = sink[..., min_query:].float().mean(dim=(1, 3))  # (L, H)
     return (per_head > epsilon).float().mean(-1)
 

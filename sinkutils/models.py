@@ -6,6 +6,7 @@ remote code is never trusted unless asked for.
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 
@@ -137,19 +138,31 @@ def n_layers(model) -> int:
     return len(trace.decoder_layers(model))
 
 
+def check_index(value, n: int, what: str) -> int:
+    """``value`` as an int if it is an integer in 0..n-1, else a ValueError naming the valid range. Booleans and
+    floats are refused, not truncated (``True`` is not layer 1, ``1.7`` is not layer 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < n:
+        raise ValueError(f"{what} {value!r} is out of range: this model has {what}s 0..{n - 1}")
+    return int(value)
+
+
 def check_layer(model, layer: int) -> int:
     """``layer`` if valid, else a ValueError naming the valid range."""
-    n = n_layers(model)
-    if not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"layer {layer} is out of range: this model has layers 0..{n - 1}")
-    return layer
+    return check_index(layer, n_layers(model), "layer")
+
+
+def check_layers(model, layers, allow_empty: bool = False) -> list[int]:
+    """Every layer of ``layers`` checked by ``check_layer``, in the order given; all layers when None."""
+    if layers is None:
+        return list(range(n_layers(model)))
+    layers = list(layers)
+    if not layers and not allow_empty:
+        raise ValueError(f"give at least one layer: this model has layers 0..{n_layers(model) - 1}")
+    return [check_layer(model, l) for l in layers]
 
 
 def check_head(model, head: int) -> int:
-    n = model.config.num_attention_heads
-    if not isinstance(head, int) or not 0 <= head < n:
-        raise ValueError(f"head {head} is out of range: this model has heads 0..{n - 1}")
-    return head
+    return check_index(head, model.config.num_attention_heads, "head")
 
 
 def encode(tokenizer, model, text: str) -> torch.Tensor:

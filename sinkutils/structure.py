@@ -43,12 +43,7 @@ def reference_for(model_name: str) -> dict | None:
 
 
 def _layers_arg(model, layers) -> list[int]:
-    layers = list(range(models.n_layers(model))) if layers is None else [int(l) for l in layers]
-    if not layers:
-        raise ValueError("give at least one layer")
-    for l in layers:
-        models.check_layer(model, l)
-    return sorted(set(layers))
+    return sorted(set(models.check_layers(model, layers)))
 
 
 @contextlib.contextmanager
@@ -105,13 +100,12 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     dimension-wise variance. Kendall's tau is rank-based, so |W| and W^2 give the same tau. The control uses
     the same profile of the later tokens. Also the dimension-wise variance per position before and after W_O."""
     layers = _layers_arg(model, layers)
-    T = ids.shape[1]
-    if T <= min_query:
-        raise ValueError(f"min_query={min_query} leaves no later tokens in sequences of {T}")
+    chunks = measure.batches(ids, batch_size, "W_O alignment")
+    metrics.check_min_query(min_query, ids.shape[1])
     acc = {l: dict(first=0.0, later=0.0, vin=0.0, vout=0.0) for l in layers}
     n = 0
     blocks = trace.decoder_layers(model)
-    for chunk in measure.batches(ids, batch_size, "W_O alignment"):
+    for chunk in chunks:
         with trace.record(model, "attn.head_out", layers=layers) as rec:
             model(input_ids=chunk.to(model.device))
         heads = rec["attn.head_out"]
@@ -434,7 +428,7 @@ def sink_logits(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[
     layers = _layers_arg(model, layers)
     blocks = trace.decoder_layers(model)
     with _record_with_inputs(model, layers) as (inputs, _):
-        model(input_ids=ids.to(model.device))
+        model(input_ids=measure.check_ids(ids).to(model.device))
     out = {}
     for l, h in inputs().items():
         attn = blocks[l].self_attn
@@ -473,10 +467,12 @@ def qk_locking(model, ids: torch.Tensor, layers: list[int] | None = None, min_qu
     fraction of queries t >= 1 whose logit q_t . k_0 toward token 0 is positive (post-RoPE); and the head's
     mean attention to token 0 from the trace. Alignment is averaged over sequences."""
     layers = _layers_arg(model, layers)
+    chunks = measure.batches(ids, batch_size, "QK locking")
+    metrics.check_min_query(min_query, ids.shape[1])
     dirs = {l: query_principal_directions(model, l) for l in layers}
     align, pos, sinks = {l: 0.0 for l in layers}, {l: 0.0 for l in layers}, []
     n = 0
-    for chunk in measure.batches(ids, batch_size, "QK locking"):
+    for chunk in chunks:
         with trace.record(model, "attn.sink", layers=layers) as rec:
             logits = sink_logits(model, chunk, layers)
         sinks.append(rec["attn.sink"][..., min_query:].float().mean(-1).cpu())  # (layers, B, H)

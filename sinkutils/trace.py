@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from sinkutils import compat
+from sinkutils import compat, metrics
 
 ATTN_NAME = "sinkbook"
 QUANTITIES = ("attn.sink", "attn.entropy", "attn.pattern", "attn.head_out", "resid", "mlp.act")
@@ -38,6 +38,8 @@ class Recorder:
     def __init__(self, quantities: tuple[str, ...], layers: list[int], sink_index: int):
         self.quantities, self.layers, self.sink_index = quantities, layers, sink_index
         self._data: dict[str, dict[int, torch.Tensor]] = {q: {} for q in quantities}
+        self.real: torch.Tensor | None = None  # (batch, T) False at padding queries; None: no padding mask
+        self._passes = 0
 
     def wants(self, name: str, layer: int) -> bool:
         return name in self._data and layer in self.layers
@@ -55,11 +57,18 @@ class Recorder:
 
     def sink_per_layer(self, min_query: int = 4) -> torch.Tensor:
         """Mean attention to the sink key per layer, over batch, heads and queries at positions >= min_query
-        (early queries attend to few keys, so their weight on token 0 is high for trivial reasons)."""
-        sink = self["attn.sink"]
-        if sink.shape[-1] <= min_query:
-            raise ValueError(f"min_query={min_query} leaves no queries in a sequence of {sink.shape[-1]}")
-        return sink[..., min_query:].float().mean(dim=(1, 2, 3))
+        (early queries attend to few keys, so their weight on token 0 is high for trivial reasons). Padding
+        queries are left out; a sink key that is padding in some row (left padding) is refused."""
+        sink = self["attn.sink"].float()
+        metrics.check_min_query(min_query, sink.shape[-1])
+        if self.real is None:
+            return sink[..., min_query:].mean(dim=(1, 2, 3))
+        padded = (~self.real[:, self.sink_index]).nonzero().flatten().tolist()
+        if padded:
+            raise ValueError(f"key {self.sink_index} is padding in rows {padded} (left padding?), so attention to it "
+                             f"means nothing there; pad on the right or record those rows without padding")
+        real = self.real[None, :, None, min_query:].expand_as(sink[..., min_query:])
+        return torch.where(real, sink[..., min_query:], 0).sum(dim=(1, 2, 3)) / real.sum(dim=(1, 2, 3))
 
 
 _active: list[Recorder] = []
@@ -96,6 +105,17 @@ def _mask_column(mask: torch.Tensor | None, q_len: int, kv_len: int, index: int,
     if col.dtype == torch.bool:
         return torch.zeros(col.shape, device=device).masked_fill(~col, float("-inf"))
     return col.float()
+
+
+def _real_queries(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """(batch, q_len) True where the query sees its own key: False exactly at padding queries (left padding
+    masks their whole row, right padding at least their own key); None for a plain causal mask."""
+    mask = compat.align_mask(mask, kv_len)
+    if mask is None:
+        return None
+    own = mask.diagonal(offset=kv_len - q_len, dim1=-2, dim2=-1)  # (batch, heads or 1, q_len)
+    own = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+    return own.all(dim=1)
 
 
 def _sdpa_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> dict:
@@ -144,6 +164,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     for rec in _active:
         want = tuple(q for q in _ATTENTION_STATS if rec.wants(q, layer))
         if want:
+            rec.real = _real_queries(attention_mask, T, S)
             stats = variants.stats(module, query, key, attention_mask, scaling, rec.sink_index, want)
             for name, value_ in stats.items():
                 rec.put(name, layer, value_)
@@ -167,8 +188,13 @@ def mask_edit(edit) -> Iterator[None]:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's decoder layers (Llama-like models keep them at ``model.model.layers``)."""
-    return model.model.layers
+    """The model's decoder layers (Llama-like models keep them at ``model.model.layers``), else a TypeError
+    naming what was passed (e.g. one layer, or the inner ``model.model``, instead of the causal LM)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"expected a Llama-like causal LM with decoder layers at .model.layers (what models.load "
+                        f"returns), got {type(model).__name__}")
+    return layers
 
 
 @contextlib.contextmanager
@@ -177,14 +203,20 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown or not quantities:
         raise ValueError(f"unknown or no quantities {unknown or quantities}; choose from {QUANTITIES}")
+    from sinkutils.models import check_layers
+
     blocks = decoder_layers(model)
-    n = len(blocks)
-    layers = list(range(n)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in layers if not 0 <= l < n]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n - 1}")
+    layers = check_layers(model, layers, allow_empty=True)  # none: only the embedding output of ``resid``
     rec = Recorder(tuple(quantities), layers, sink_index)
-    hooks = []
+
+    def count_pass(_m, _args):
+        # a second pass would overwrite the first one's layers, silently keeping only the last
+        rec._passes += 1
+        if rec._passes > 1:
+            raise RuntimeError("trace.record holds one forward pass, and the model was called again inside the "
+                               "block (generate() calls it once per token): open one `record` block per pass")
+
+    hooks = [blocks[0].register_forward_pre_hook(count_pass)]
     if "resid" in quantities:
         def embed_hook(_m, _inp, out):
             rec._data["resid"][-1] = out.detach()

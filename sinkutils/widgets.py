@@ -20,10 +20,14 @@ MAX_RENDERS = 64
 
 
 def bounded(values: list, limit: int) -> list:
-    """At most ``limit`` values spread evenly over ``values`` (first and last kept)."""
+    """At most ``limit`` values spread evenly over ``values`` (first and last kept; ``limit=1``: the first)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
     values = list(values)
     if len(values) <= limit:
         return values
+    if limit == 1:
+        return values[:1]
     step = (len(values) - 1) / (limit - 1)
     return [values[round(i * step)] for i in range(limit)]
 

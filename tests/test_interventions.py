@@ -176,7 +176,7 @@ def test_invalid_choices_say_what_is_valid():
     with pytest.raises(ValueError, match=r"beyond the sequence of 12 tokens"):
         with interventions.amplify_variance(model, 20, 2.0, 0):
             model(input_ids=ids)
-    with pytest.raises(ValueError, match=r"layers \[3\] out of range: this model has layers 0..2"):
+    with pytest.raises(ValueError, match=r"layer 3 is out of range: this model has layers 0..2"):
         interventions.block_aggregation(model, 3, layers=[3]).__enter__()
     with pytest.raises(ValueError, match="0..2"):
         interventions.scale_norm(model, 3, 2.0, layer=-1).__enter__()

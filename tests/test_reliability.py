@@ -1,0 +1,135 @@
+"""Issue 17: inputs that used to give a silently wrong number, or a raw traceback, now give the right result or an
+error that says what was wrong and what is valid."""
+import math
+
+import pytest
+import torch
+
+from sinkutils import interventions, measure, metrics, models, structure, trace, widgets
+from tests.test_trace import eager_reference, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny("llama")
+
+
+def ids_of(n: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+# --- trace.record --------------------------------------------------------------------------------------------
+
+def test_record_refuses_a_second_forward_pass(model):
+    ids = ids_of(1, 8)
+    with pytest.raises(RuntimeError, match="one forward pass"):
+        with trace.record(model, "attn.sink"):
+            model(input_ids=ids)
+            model(input_ids=ids)  # used to replace the first pass's numbers silently
+    with pytest.raises(RuntimeError, match="generate"):
+        with trace.record(model, "resid", layers=[2]):
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with trace.record(model, "attn.sink") as rec:  # one pass per block still works, and the hooks are gone after
+        model(input_ids=ids)
+    assert rec["attn.sink"].shape == (3, 1, 4, 8)
+    model(input_ids=ids)
+
+
+def test_padding_queries_are_left_out_and_a_padded_sink_key_is_refused(model):
+    ids = ids_of(2, 12, seed=1)
+    right = torch.ones_like(ids)
+    right[1, 8:] = 0
+    maps = torch.stack(eager_reference(model, ids, right).attentions)  # (L, B, H, T, S)
+    with trace.record(model, "attn.sink") as rec:
+        model(input_ids=ids, attention_mask=right)
+    # the mean over real queries only: row 0's queries 4..11 and row 1's 4..7
+    real = torch.cat([maps[:, 0, :, 4:, 0].flatten(1), maps[:, 1, :, 4:8, 0].flatten(1)], dim=1).mean(1)
+    torch.testing.assert_close(rec.sink_per_layer(), real, atol=1e-5, rtol=1e-4)
+
+    left = torch.ones_like(ids)
+    left[1, :6] = 0
+    with trace.record(model, "attn.sink") as rec:
+        logits = model(input_ids=ids, attention_mask=left).logits
+    assert logits.isfinite().all()
+    with pytest.raises(ValueError, match=r"key 0 is padding in rows \[1\]"):
+        rec.sink_per_layer(min_query=0)  # was NaN
+    with trace.record(model, "attn.sink", sink_index=6) as rec:  # the first real token of both rows
+        model(input_ids=ids, attention_mask=left)
+    assert rec.sink_per_layer(min_query=6).isfinite().all()
+
+
+def test_record_on_something_that_is_not_a_causal_lm(model):
+    with pytest.raises(TypeError, match="got LlamaDecoderLayer"):
+        with trace.record(model.model.layers[0], "attn.sink"):
+            pass
+
+
+# --- layers, positions, lambda, min_query --------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [1.7, True, -1, 3, "1"])
+def test_layers_must_be_integers_in_range(model, bad):
+    with pytest.raises(ValueError, match=r"layer .* out of range: this model has layers 0\.\.2"):
+        with trace.record(model, "attn.sink", layers=[bad]):
+            pass
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        measure.attention_received(model, ids_of(1, 8), layer=bad)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        structure.qk_locking(model, ids_of(2, 8), layers=[bad])
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        interventions.block_aggregation(model, 2, layers=[bad]).__enter__()
+
+
+def test_numpy_integers_are_layers(model):
+    import numpy as np
+
+    assert models.check_layers(model, [np.int64(2), 0]) == [2, 0]
+
+
+@pytest.mark.parametrize("lam", [math.inf, -math.inf, math.nan])
+def test_lambda_must_be_finite(model, lam):
+    with pytest.raises(ValueError, match="lambda must be a finite number"):
+        interventions.check_lambda(lam)
+    with pytest.raises(ValueError, match="lambda must be a finite number"):
+        measure.lambda_sweep(model, ids_of(2, 10), k=3, lambdas=[2.0, lam], applied=[0], progress=False)
+
+
+def test_min_query_must_lie_in_the_sequence(model):
+    ids = ids_of(2, 24)
+    for bad in (-3, 24, 30, 2.5):
+        with pytest.raises(ValueError, match=r"min_query=.* must be an integer in 0\.\.23 for sequences of 24"):
+            measure.sink_profile(model, ids, min_query=bad)
+        with pytest.raises(ValueError, match=r"min_query=.* 0\.\.23"):
+            structure.qk_locking(model, ids, min_query=bad)
+        with pytest.raises(ValueError, match=r"min_query=.* 0\.\.23"):
+            structure.wo_alignment(model, ids, layers=[0], min_query=bad)
+    assert structure.qk_locking(model, ids, min_query=23).sink.isfinite().all()
+    profile = measure.sink_profile(model, ids, min_query=0)
+    with trace.record(model, "attn.sink") as rec:
+        model(input_ids=ids)
+    torch.testing.assert_close(profile.attention_to_first, rec["attn.sink"].mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="min_query=-1"):
+        metrics.sink_rate(rec["attn.sink"], min_query=-1)
+
+
+# --- empty batches and widgets -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda m, ids: measure.sink_profile(m, ids),
+    lambda m, ids: measure.attention_patterns(m, ids),
+    lambda m, ids: measure.variance_profile(m, ids),
+    lambda m, ids: measure.attention_to(m, ids, 1),
+    lambda m, ids: structure.residual_profile(m, ids),
+    lambda m, ids: structure.sink_logits(m, ids, [0]),
+    lambda m, ids: structure.qk_locking(m, ids),
+])
+def test_an_empty_batch_is_named(model, call):
+    with pytest.raises(ValueError, match=r"at least 1 sequence of at least 2 tokens, got \(0, 16\)"):
+        call(model, ids_of(2, 16)[:0])
+
+
+def test_bounded_keeps_first_and_last_and_refuses_a_limit_below_one():
+    assert widgets.bounded(range(10), 1) == [0]  # was ZeroDivisionError
+    assert widgets.bounded(range(10), 2) == [0, 9]
+    assert widgets.bounded(range(10), 4) == [0, 3, 6, 9]
+    with pytest.raises(ValueError, match="limit must be an integer >= 1, got 0"):
+        widgets.bounded(range(10), 0)
