@@ -27,6 +27,7 @@ import ast
 import copy
 import csv
 import json
+import math
 import os
 import re
 import secrets
@@ -35,6 +36,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,11 +155,163 @@ def _grading_cell(assignment: str, path: Path) -> nbformat.NotebookNode:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The grader
+# The sandbox: bubblewrap around each submission
 # ------------------------------------------------------------------------------------------------------------
 
+#: the sandbox's only writable place: a private tmpfs of this size at /tmp, gone when the sandbox ends
+SANDBOX_TMP_BYTES = 256 * 2 ** 20
+#: the user a grader running as root runs the submissions as (nobody)
+UNPRIVILEGED_UID = 65534
+#: seconds the grader waits past --timeout for the runner to report before it kills the sandbox
+GRACE_SECONDS = 30
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), "
+                "or pass --unsafe-no-sandbox to grade without a sandbox (the CSV's first line then says so)")
+
+
+class GradingError(RuntimeError):
+    """The grader cannot run (no sandbox, a CSV from other settings) or left submissions ungraded."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one submission may use. ``timeout``: wall-clock seconds for the whole notebook (also the CPU seconds
+    of each of its processes); ``memory_mb``: address space of each process; ``processes``: processes and
+    threads together (counted for the sandbox's user: nobody when the grader runs as root)."""
+    timeout: float = 120
+    memory_mb: int = 4096
+    processes: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        for name in ("memory_mb", "processes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+
+    def describe(self) -> str:
+        return (f"timeout {self.timeout:g} s, memory {self.memory_mb} MB per process, "
+                f"{self.processes} processes and threads")
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _readonly_paths() -> list[Path]:
+    """What the kernel needs besides the system: this Python, its environment and the sinkutils package."""
+    import site
+
+    wanted = [Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent]
+    user_site = Path(site.getusersitepackages())
+    if str(user_site) in sys.path and user_site.is_dir():
+        wanted.append(user_site)
+    paths: list[Path] = []
+    for path in sorted({p.absolute() for p in wanted}, key=lambda p: len(p.parts)):
+        if path.parts[1:2] not in (("usr",), ("etc",)) and not any(path.is_relative_to(p) for p in paths):
+            paths.append(path)
+    return paths
+
+
+def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> list[str]:
+    """The bubblewrap command line a submission's runner goes after: new PID, network, IPC and UTS namespaces;
+    the system, this Python and sinkutils read-only; a size-limited tmpfs at /tmp as the only writable place;
+    ``hidden`` (the submissions and the grader's output folders) covered by an empty read-only tmpfs wherever
+    they fall inside what is bound. Run as root, it keeps no user namespace and setpriv drops the runner to
+    nobody with no capabilities; otherwise a user namespace maps the runner to the grader's user. ``env`` is the
+    command's whole environment."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise GradingError(f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
+    argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--clearenv"]
+    if _as_root():
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+    else:
+        argv += ["--unshare-user"]
+    for top in ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / top
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            argv += ["--ro-bind", str(path), str(path)]
+    bound = [Path("/usr"), Path("/etc")]
+    made: set[Path] = set()
+    for path in _readonly_paths():
+        for parent in reversed(path.parents[:-1]):
+            if parent not in made and not any(parent.is_relative_to(b) for b in bound):
+                argv += ["--perms", "0755", "--dir", str(parent)]  # bwrap would make them 0700
+                made.add(parent)
+        argv += ["--ro-bind", str(path), str(path)]
+        bound.append(path)
+    for path in hidden:
+        if any(path.is_relative_to(b) for b in bound):
+            argv += ["--tmpfs", str(path), "--remount-ro", str(path)]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMP_BYTES), "--perms", "01777",
+             "--tmpfs", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
+    for name, value in env.items():
+        argv += ["--setenv", name, value]
+    if _as_root():
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise GradingError("setpriv (Debian: util-linux) is not installed; the grader needs it, as root, to run "
+                               "submissions as nobody")
+        argv += [setpriv, f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
+                 "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+    return argv + command
+
+
+def sandbox_problem() -> str | None:
+    """None when bubblewrap can run a submission here, else what is wrong and how to fix it."""
+    try:
+        argv = _bwrap_argv([], _runner_env("/tmp"), [sys.executable, "-c", "import sinkutils.assign, papermill"])
+    except GradingError as err:
+        return str(err)
+    probe = subprocess.run(argv, capture_output=True, text=True, env={}, stdin=subprocess.DEVNULL)
+    if probe.returncode == 0:
+        return None
+    why = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1][:200]
+    return (f"bubblewrap cannot start a sandbox here ({why}): allow unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
+            "kernel.apparmor_restrict_unprivileged_userns=0), or in Docker run the container with "
+            "--security-opt seccomp=unconfined --security-opt apparmor=unconfined (or --privileged); "
+            "or pass --unsafe-no-sandbox")
+
+
+def _runner_env(root: str) -> dict[str, str]:
+    """The runner's whole environment: nothing inherited (no path to the submissions or the project)."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": f"{root}/home",
+            "TMPDIR": f"{root}/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+            "MPLBACKEND": "agg", "TQDM_DISABLE": "1", "HF_HOME": f"{root}/home/hf", "HF_HUB_OFFLINE": "1",
+            "JUPYTER_PLATFORM_DIRS": "1"}
+
+
+class _Drain(threading.Thread):
+    """Read a pipe to its end in the background, keeping at most ``keep`` bytes (the first, or the last with
+    ``tail``): a submission that floods it costs the grader nothing."""
+
+    def __init__(self, fd: int, keep: int, tail: bool = False):
+        super().__init__(daemon=True)
+        self.fd, self.keep, self.tail, self.data, self.total = fd, keep, tail, b"", 0
+        self.start()
+
+    def run(self):
+        try:
+            while chunk := os.read(self.fd, 1 << 16):
+                self.total += len(chunk)
+                if self.tail:
+                    self.data = (self.data + chunk)[-self.keep:]
+                elif len(self.data) < self.keep:
+                    self.data += chunk[:self.keep - len(self.data)]
+        finally:
+            os.close(self.fd)
+
+
 def _kill_tree(pid: int) -> None:
-    """Kill a process and every process below it (the kernel is a grandchild in its own session)."""
+    """Kill a process and every process below it, and wait until they are gone. In the sandbox every process of
+    the submission is below the bwrap process (orphans go to the sandbox's init), and the PID namespace ends with
+    it."""
     import psutil
 
     try:
@@ -168,7 +324,139 @@ def _kill_tree(pid: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family, timeout=10)
+    psutil.wait_procs(family)
+
+
+def _run_submission(notebook: str, assignment: str, limits: Limits, hidden: list[Path], unsafe: bool) -> dict | str:
+    """Run the runner (``_execute``) on a notebook, in the sandbox or, with ``unsafe``, in a temporary folder.
+    Returns its report, or why there is none."""
+    base = tempfile.mkdtemp(prefix="sinkbook-grade-") if unsafe else None
+    root = base or "/tmp"
+    result_r, result_w = os.pipe()
+    log_r, log_w = os.pipe()
+    runner = [sys.executable, "-m", "sinkutils.assign", "_execute", "--root", root, "--assignment", assignment,
+              "--result-fd", str(result_w), "--timeout", str(limits.timeout), "--memory-mb", str(limits.memory_mb),
+              "--processes", str(0 if unsafe else limits.processes)]
+    if unsafe:
+        argv, cwd, env = runner, base, _runner_env(base)
+    else:
+        argv, cwd, env = _bwrap_argv(hidden, _runner_env(root), runner), "/", {}
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log_w, stderr=log_w, pass_fds=(result_w,),
+                                cwd=cwd, env=env, start_new_session=True)
+    finally:
+        os.close(result_w)
+        os.close(log_w)
+    result, log = _Drain(result_r, 2 * MAX_OUTPUTS_BYTES), _Drain(log_r, 2000, tail=True)
+    feeder = threading.Thread(target=_feed, args=(proc.stdin, notebook.encode()), daemon=True)
+    feeder.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=limits.timeout + GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()
+        for drain in (result, log):
+            drain.join(None if not unsafe else 10)  # unsafe: a daemon the tree missed may hold the pipe
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+    if result.total > MAX_OUTPUTS_BYTES * 2 or result.is_alive():
+        return f"the runner's report is over {MAX_OUTPUTS_BYTES >> 19} MB; return results of the expected shape"
+    if timed_out and not result.data:
+        return f"timed out after {limits.timeout:g} s"
+    try:
+        report = json.loads(result.data)
+    except ValueError:
+        report = None
+    if isinstance(report, dict):
+        return report
+    if result.data:
+        return "crashed: the runner's report is unreadable"
+    else:
+        tail = log.data.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"crashed: the notebook runner exited with code {proc.returncode} ({tail[0][:160]})"
+
+
+def _feed(stream, data: bytes) -> None:
+    try:
+        with stream:
+            stream.write(data)
+    except OSError:  # the runner died or closed its stdin
+        pass
+
+
+def _execute(root: Path, assignment: str, result_fd: int, timeout: float, memory_mb: int, processes: int) -> None:
+    """The runner, inside the sandbox: set the limits, append the grading cell to the notebook given on stdin,
+    execute it with papermill in ``root/work`` (errors allowed), stop it ``timeout`` seconds after the start, and write the report to
+    ``result_fd``: JSON with ``stopped`` (why the notebook did not finish, or None), ``first_error`` (the first
+    error of the submission's own cells) and ``outputs`` (the outputs file, base64, or None)."""
+    import base64
+    import resource
+
+    import papermill
+
+    started = time.monotonic()
+    os.set_inheritable(result_fd, False)  # the kernel never gets the report's pipe
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(timeout) + 1,) * 2)
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20,) * 2)
+    if processes:
+        resource.setrlimit(resource.RLIMIT_NPROC, (processes,) * 2)
+    nb = nbformat.reads(sys.stdin.read(), as_version=4)
+    for name in ("work", "home", "tmp", "out"):
+        (root / name).mkdir(exist_ok=True)
+    nbformat.write(nb, root / "work" / "submission.ipynb")
+    outputs = root / "out" / f"outputs-{secrets.token_hex(16)}.pt"
+    nb.cells.append(_grading_cell(assignment, outputs))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    done: dict = {}
+
+    def run():
+        try:
+            done["nb"] = papermill.execute_notebook(
+                nb, str(root / "out" / "executed.ipynb"), kernel_name="python3", cwd=str(root / "work"),
+                progress_bar=False, execution_timeout=int(timeout) + 1, allow_errors=True,
+                request_save_on_cell_execute=False)
+        except papermill.PapermillExecutionError:
+            pass  # cells raised (allowed): the outputs file says what ran
+        except BaseException as err:  # the kernel died (os._exit, a segfault, out of memory) or would not start
+            done["dead"] = f"crashed: the kernel died or failed ({type(err).__name__}: {str(err)[:160]})"
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout - (time.monotonic() - started)))
+    stopped = None
+    if thread.is_alive():
+        stopped = f"timed out after {timeout:g} s"
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):  # the kernel and what it started
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    else:
+        stopped = done.get("dead")
+    executed = done.get("nb")
+    if executed is None and not thread.is_alive():
+        try:  # papermill writes the executed notebook before it raises for the errors allowed
+            executed = nbformat.read(root / "out" / "executed.ipynb", as_version=4)
+        except Exception:
+            pass
+    report = {"stopped": stopped, "first_error": _first_error(executed), "outputs": None}
+    try:
+        if outputs.stat().st_size <= MAX_OUTPUTS_BYTES:
+            report["outputs"] = base64.b64encode(outputs.read_bytes()).decode()
+        else:
+            report["outputs_error"] = (f"the outputs file is over {MAX_OUTPUTS_BYTES >> 20} MB; return results of "
+                                       "the expected shape")
+    except OSError:
+        pass
+    with open(result_fd, "wb") as f:
+        f.write(json.dumps(report).encode())
+    os._exit(0)  # papermill's thread may still wait on a dead kernel
 
 
 def _first_error(nb: nbformat.NotebookNode | None) -> str | None:
@@ -182,89 +470,50 @@ def _first_error(nb: nbformat.NotebookNode | None) -> str | None:
     return None
 
 
-def _environment(submissions: Path, base: Path) -> dict[str, str]:
-    """The kernel's environment: this one without anything naming the submissions folder, HOME and TMPDIR in
-    the submission's own temporary folder, the Hugging Face cache where it was."""
-    env = {k: v for k, v in os.environ.items() if str(submissions) not in v and k not in ("PWD", "OLDPWD")}
-    env.setdefault("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    for name in ("home", "tmp"):
-        (base / name).mkdir()
-    env.update(HOME=str(base / "home"), TMPDIR=str(base / "tmp"), TQDM_DISABLE="1", MPLBACKEND="agg")
-    return env
+# ------------------------------------------------------------------------------------------------------------
+# The grader
+# ------------------------------------------------------------------------------------------------------------
 
-
-def grade_notebook(nb: nbformat.NotebookNode, assignment: str, timeout: float,
-                   submissions: Path | None = None) -> list[Result]:
-    """Execute one submission in isolation (see ``book/assignments.md``) and judge its outputs: one Result per
-    exercise of ``assignment``. A crash, a hang or a dead kernel fails the exercises not graded by then."""
+def grade_notebook(nb: nbformat.NotebookNode, assignment: str, limits: Limits = Limits(),
+                   hidden: list[Path] = (), unsafe: bool = False) -> list[Result]:
+    """Execute one submission in its own sandbox (``book/assignments.md`` says what it guarantees) and judge its
+    outputs in this process: one Result per exercise of ``assignment``. A crash, a hang or a dead kernel fails
+    the exercises not graded by then."""
     from sinkutils import exercises
 
-    names = [ex.name for ex in exercises.of_chapter(assignment)]
-    base = Path(tempfile.mkdtemp(prefix="sinkbook-grade-"))
-    try:
-        work, private = base / "work", base / "out"
-        work.mkdir()
-        private.mkdir(mode=0o700)
-        nbformat.write(nb, work / "submission.ipynb")
-        outputs_path = private / f"outputs-{secrets.token_hex(16)}.pt"
-        run = copy.deepcopy(nb)
-        run.cells.append(_grading_cell(assignment, outputs_path))
-        run.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        env = _environment(submissions or work, base)
-        cmd = [sys.executable, "-m", "sinkutils.assign", "_execute", "--cwd", str(work), "--out", str(private),
-               "--timeout", str(timeout)]
-        with open(private / "log.txt", "w") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, cwd=work,
-                                    env=env, start_new_session=True)
-            try:
-                proc.communicate(nbformat.writes(run).encode(), timeout=timeout)
-                stopped = None
-            except subprocess.TimeoutExpired:
-                stopped = f"timed out after {timeout:g} s"
-            finally:
-                _kill_tree(proc.pid)
-                proc.wait()
-        status = _read_json(private / "status.json")
-        if stopped is None and status is None:
-            tail = (private / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            stopped = f"crashed: the notebook runner exited with code {proc.returncode} ({tail[0][:160]})"
-        elif stopped is None and status["status"] != "ok":
-            stopped = f"crashed: {status['detail']}"
-        executed = nbformat.read(private / "executed.ipynb", as_version=4) if (private / "executed.ipynb").exists() else None
-        found, unreadable = _load_outputs(outputs_path)
-        results = []
-        for name in names:
-            if name in found and found[name] is None:
-                err = _first_error(executed)
-                results.append(exercises.Result(name, False, f"no function named {name} was defined" +
-                                                (f" (a cell raised {err})" if err else "")))
-            elif name in found:
-                results.append(_judge(name, found[name]))
-            else:
-                results.append(exercises.Result(name, False, unreadable or stopped or "not graded: the grading cell "
-                                                "did not run"))
-        return results
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    report = _run_submission(nbformat.writes(nb), assignment, limits, list(hidden), unsafe)
+    stopped, found, first_error = report, {}, None
+    if isinstance(report, dict):
+        stopped, first_error = report.get("stopped"), report.get("first_error")
+        stopped, first_error = (str(v)[:300] if v is not None else None for v in (stopped, first_error))
+        found, unreadable = _load_outputs(report.get("outputs"), report.get("outputs_error"))
+        stopped = unreadable or stopped
+    results = []
+    for name in (ex.name for ex in exercises.of_chapter(assignment)):
+        if name in found and found[name] is None:
+            results.append(exercises.Result(name, False, f"no function named {name} was defined" +
+                                            (f" (a cell raised {first_error})" if first_error else "")))
+        elif name in found:
+            results.append(_judge(name, found[name]))
+        else:
+            results.append(exercises.Result(name, False, stopped or "not graded: the grading cell did not run"))
+    return results
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _load_outputs(encoded, error=None) -> tuple[dict, str | None]:
+    """The outputs the grading cell saved (base64 in the runner's report), or ({}, why not) when they are
+    unreadable (absent is not an error: the grading cell did not run)."""
+    import base64
+    import io
 
-
-def _load_outputs(path: Path) -> tuple[dict, str | None]:
-    """The outputs the grading cell saved, or ({}, why not) when they are unreadable (absent is not an error)."""
     import torch
 
-    if not path.exists():
+    if error is not None:
+        return {}, str(error)[:300]
+    if encoded is None:
         return {}, None
-    if path.stat().st_size > MAX_OUTPUTS_BYTES:
-        return {}, f"the outputs file is over {MAX_OUTPUTS_BYTES >> 20} MB; return results of the expected shape"
     try:
-        found = torch.load(path, weights_only=True)
+        found = torch.load(io.BytesIO(base64.b64decode(encoded, validate=True)), weights_only=True)
     except Exception as err:  # a file the submission tampered with
         return {}, f"unreadable outputs ({type(err).__name__})"
     return (found, None) if isinstance(found, dict) else ({}, "unreadable outputs (not a dict)")
@@ -293,92 +542,143 @@ def assignment_of(nb: nbformat.NotebookNode) -> str | None:
     return defines[0] if len(defines) == 1 else None
 
 
-def grade(submissions: Path, out_csv: Path, timeout: float = 120, assignment: str | None = None) -> list[dict]:
+def header(limits: Limits, unsafe: bool = False) -> str:
+    """The CSV's first line: how its rows were graded. A rerun resumes only a CSV with the same line."""
+    if unsafe:
+        return (f"# UNSAFE: graded without a sandbox (--unsafe-no-sandbox): the submissions ran as this user, with "
+                f"the network and this machine's files; timeout {limits.timeout:g} s")
+    return f"# graded in bubblewrap sandboxes (no network, read-only system, private /tmp): {limits.describe()}"
+
+
+def read_grades(path: Path) -> tuple[str, list[dict]]:
+    """A grades CSV: its header comment and its rows (student, exercise, result, message)."""
+    with open(path, newline="") as f:
+        first = f.readline().rstrip("\r\n")
+        rows = list(csv.DictReader(f))
+    if not first.startswith("#") or (rows and tuple(rows[0]) != CSV_FIELDS):
+        raise GradingError(f"{path} is not a grades CSV written by this grader (its first line is {first[:80]!r}); "
+                           "pass another --out")
+    return first, rows
+
+
+def _write_grades(path: Path, first: str, rows: list[dict]) -> None:
+    """Write the whole CSV atomically: a reader (or a crash) sees the previous file or this one, never a part."""
+    partial = path.with_name(path.name + ".part")
+    with open(partial, "w", newline="") as f:
+        f.write(first + "\n")
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["student"]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _grade_one(student: str, raw: bytes, assignment: str | None, limits: Limits, hidden: list[Path],
+               unsafe: bool) -> list[dict]:
+    from sinkutils import exercises
+
+    try:
+        nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
+    except Exception as err:
+        return [dict(student=student, exercise="*", result="fail",
+                     message=f"not a readable notebook ({type(err).__name__}: {str(err)[:120]})")]
+    name = assignment or assignment_of(nb)
+    if name is None:
+        return [dict(student=student, exercise="*", result="fail",
+                     message="cannot tell which assignment this is: its metadata names none, and it does not "
+                             f"define the functions of exactly one; pass --assignment, one of {exercises.chapters()}")]
+    return [dict(student=student, exercise=r.exercise, result="pass" if r.passed else "fail", message=r.message)
+            for r in grade_notebook(nb, name, limits, hidden, unsafe)]
+
+
+def grade(submissions: Path, out_csv: Path, timeout: float = 120, assignment: str | None = None, *,
+          memory_mb: int = 4096, processes: int = 256, unsafe: bool = False) -> list[dict]:
     """Grade every ``*.ipynb`` in ``submissions`` (the file name, without .ipynb, is the student) one after the
-    other, each in isolation; write the CSV (student, exercise, result, message) when all are done."""
+    other, each in its own sandbox, and return every row of ``out_csv``. Each submission's rows are written to
+    ``out_csv`` as soon as they are judged; students it already holds are not graded again (a rerun resumes).
+    Without bubblewrap it refuses (GradingError) unless ``unsafe``."""
     from tqdm.auto import tqdm
 
     from sinkutils import exercises
 
+    limits = Limits(timeout, memory_mb, processes)
     submissions = Path(submissions).resolve()
+    if not submissions.exists():
+        raise ValueError(f"submissions folder {submissions} does not exist")
     if not submissions.is_dir():
-        raise ValueError(f"{submissions} is not a folder of submitted notebooks")
+        raise ValueError(f"{submissions} is not a folder: pass the folder that holds the submitted notebooks")
     if assignment is not None and assignment not in exercises.chapters():
         raise ValueError(f"unknown assignment {assignment!r}; choose one of {exercises.chapters()}")
     paths = sorted(submissions.glob("*.ipynb"))
     if not paths:
         raise ValueError(f"no .ipynb files in {submissions}")
-    # read every submission before any runs: a kernel never needs the folder, and is not told where it is
-    copies = {p.stem: p.read_bytes() for p in paths}
+    out_csv = Path(out_csv).resolve()
+    first = header(limits, unsafe)
     rows: list[dict] = []
+    if out_csv.exists():
+        earlier, rows = read_grades(out_csv)
+        if earlier != first:
+            raise GradingError(f"{out_csv} was graded with other settings ({earlier[2:]}), not ({first[2:]}); rerun "
+                               "with those, pass another --out, or delete it to grade everything again")
+    graded = {r["student"] for r in rows}
+    todo = [p for p in paths if p.stem not in graded]
+    if todo and not unsafe and (problem := sandbox_problem()):
+        raise GradingError(problem)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    hidden = [submissions, out_csv.parent]
+    # read every submission before any runs: a sandbox never sees the folder
+    copies = {p.stem: p.read_bytes() for p in todo}
+    failed = []
     for student, raw in tqdm(copies.items(), desc="grading", unit="submission"):
         try:
-            nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
-        except Exception as err:
-            rows.append(dict(student=student, exercise="*", result="fail",
-                             message=f"not a readable notebook ({type(err).__name__}: {str(err)[:120]})"))
+            rows += _grade_one(student, raw, assignment, limits, hidden, unsafe)
+        except Exception as err:  # the grader's own failure: no row, so that a rerun grades it
+            failed.append(f"{student} ({type(err).__name__}: {str(err)[:100]})")
             continue
-        name = assignment or assignment_of(nb)
-        if name is None:
-            rows.append(dict(student=student, exercise="*", result="fail",
-                             message="cannot tell which assignment this is: its metadata names none, and it does "
-                                     f"not define the functions of exactly one; pass --assignment, one of "
-                                     f"{exercises.chapters()}"))
-            continue
-        for r in grade_notebook(nb, name, timeout, submissions):
-            rows.append(dict(student=student, exercise=r.exercise, result="pass" if r.passed else "fail",
-                             message=r.message))
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_csv.with_name(out_csv.name + ".part")
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, out_csv)
-    return rows
-
-
-def _execute(cwd: Path, out: Path, timeout: float) -> None:
-    """The child process of ``grade_notebook``: execute the notebook given on stdin with papermill in ``cwd``,
-    errors allowed; write ``executed.ipynb`` and ``status.json`` ({status: ok | dead, detail}) into ``out``."""
-    import papermill
-
-    nb = nbformat.reads(sys.stdin.read(), as_version=4)
-    status = {"status": "ok", "detail": ""}
-    try:
-        papermill.execute_notebook(nb, str(out / "executed.ipynb"), kernel_name="python3", cwd=str(cwd),
-                                   progress_bar=False, execution_timeout=int(timeout) + 1, allow_errors=True,
-                                   request_save_on_cell_execute=False)
-    except papermill.PapermillExecutionError:
-        pass  # cells raised (allowed): the outputs file says what ran
-    except Exception as err:  # the kernel died (os._exit, a segfault, out of memory) or would not start
-        status = {"status": "dead", "detail": f"the kernel died or failed ({type(err).__name__}: {str(err)[:160]})"}
-    (out / "status.json").write_text(json.dumps(status))
+        _write_grades(out_csv, first, rows)
+    if not out_csv.exists():
+        _write_grades(out_csv, first, rows)
+    if failed:
+        raise GradingError(f"{len(failed)} of {len(copies)} submissions could not be graded and have no rows in "
+                           f"{out_csv}; rerun the same command to grade them: {'; '.join(failed)}")
+    return sorted(rows, key=lambda r: r["student"])
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sinkutils.assign", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m sinkutils.assign", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("student", help="write the student editions")
     s.add_argument("--out", type=Path, default=STUDENT, help=f"folder (default {STUDENT.relative_to(ROOT)})")
     s.add_argument("--check", action="store_true", help="write nothing; exit 1 if the editions in --out are stale")
-    g = sub.add_parser("grade", help="grade a folder of submitted notebooks into a CSV")
+    g = sub.add_parser("grade", help="grade a folder of submitted notebooks into a CSV, each in a sandbox")
     g.add_argument("submissions", type=Path)
     g.add_argument("--out", type=Path, default=Path("grades.csv"))
     g.add_argument("--timeout", type=float, default=120, help="seconds per submission, all cells together")
+    g.add_argument("--memory", type=int, default=4096, help="MB of address space per process (default 4096)")
+    g.add_argument("--processes", type=int, default=256, help="processes and threads per submission (default 256)")
     g.add_argument("--assignment", help="grade every submission as this assignment, e.g. 01_sink (default: what "
                    "each notebook's metadata says)")
+    g.add_argument("--unsafe-no-sandbox", action="store_true", help="grade without bubblewrap: submissions can "
+                   "read and change what this user can; the CSV's first line says so")
     sub.add_parser("list", help="the exercises of every assignment")
-    e = sub.add_parser("_execute")  # internal: the isolated child process of the grader
-    e.add_argument("--cwd", type=Path, required=True)
-    e.add_argument("--out", type=Path, required=True)
+    e = sub.add_parser("_execute")  # internal: the runner inside a submission's sandbox
+    e.add_argument("--root", type=Path, required=True)
+    e.add_argument("--assignment", required=True)
+    e.add_argument("--result-fd", type=int, required=True)
     e.add_argument("--timeout", type=float, required=True)
+    e.add_argument("--memory-mb", type=int, required=True)
+    e.add_argument("--processes", type=int, required=True)
     args = p.parse_args(argv)
     if args.command == "student":
         if args.check:
@@ -392,9 +692,10 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
     elif args.command == "grade":
         try:
-            rows = grade(args.submissions, args.out, args.timeout, args.assignment)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
+            rows = grade(args.submissions, args.out, args.timeout, args.assignment, memory_mb=args.memory,
+                         processes=args.processes, unsafe=args.unsafe_no_sandbox)
+        except (ValueError, GradingError) as err:
+            raise SystemExit(f"grade: {err}") from None
         passed = sum(r["result"] == "pass" for r in rows)
         print(f"{args.out}: {passed} of {len(rows)} exercises passed, {len({r['student'] for r in rows})} students")
     elif args.command == "list":
@@ -405,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             for ex in exercises.of_chapter(chapter):
                 print(textwrap.fill(ex.summary, 110, initial_indent="  ", subsequent_indent="      "))
     else:
-        _execute(args.cwd, args.out, args.timeout)
+        _execute(args.root, args.assignment, args.result_fd, args.timeout, args.memory_mb, args.processes)
     return 0
 
 
