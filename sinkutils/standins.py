@@ -46,14 +46,14 @@ FULL = {
                      max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=None,
                      eos_token_id=2, tie_word_embeddings=False),
 }
-#: the same models shrunk in size only: 2 layers, width 64, the real head grouping scaled down, 512 ids
+#: the same models shrunk in size only: 3 layers (chapter 1 draws layer 2), width 64, the real head grouping scaled down, 512 ids
 TINY = {
     "llama-2-7b": dict(num_attention_heads=4, num_key_value_heads=4),
     "llama-3-8b": dict(num_attention_heads=4, num_key_value_heads=1),   # grouped-query attention, 4:1 as 32:8
     "mistral-7b": dict(num_attention_heads=4, num_key_value_heads=1),
     "qwen2-7b": dict(num_attention_heads=4, num_key_value_heads=2),
 }
-TINY_SIZE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+TINY_SIZE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
 #: WikiText-2 as ``data.wikitext2`` reads it: one parquet file of a hub dataset repo, column ``text``
 WIKITEXT_REPO, WIKITEXT_FILE = data.WIKITEXT_REPO, data.WIKITEXT_FILE
 
