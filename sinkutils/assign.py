@@ -374,9 +374,10 @@ def _run_submission(notebook: str, assignment: str, limits: Limits, hidden: list
         return report
     if result.data:
         return "crashed: the runner's report is unreadable"
-    else:
-        tail = log.data.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        return f"crashed: the notebook runner exited with code {proc.returncode} ({tail[0][:160]})"
+    if proc.returncode > 128:  # bwrap passes on a signal's death as 128 + the signal
+        return f"crashed: the notebook runner exited with code {proc.returncode} (killed by signal {proc.returncode - 128})"
+    tail = log.data.decode(errors="replace").strip().splitlines()[-1:] or [""]
+    return f"crashed: the notebook runner exited with code {proc.returncode} ({tail[0][:160]})"
 
 
 def _feed(stream, data: bytes) -> None:
