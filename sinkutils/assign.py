@@ -3,6 +3,7 @@
     python -m sinkutils.assign student                   # assignments/student/NN_*.ipynb from assignments/NN_*.ipynb
     python -m sinkutils.assign student --check           # exit 1 when the committed student editions are stale
     python -m sinkutils.assign grade SUBMISSIONS --out grades.csv --timeout 120
+    python -m sinkutils.assign nbgrader COURSE/          # an nbgrader course folder from the same sources
     python -m sinkutils.assign list                      # every assignment's exercises
 
 The source ``assignments/NN_*.ipynb`` is the instructor edition: each exercise is a cell tagged ``solution``
@@ -122,6 +123,88 @@ def stale_student_editions(out_dir: Path = STUDENT, root: Path = SOURCES) -> lis
         if not path.exists() or json.loads(path.read_text()) != want:
             stale.append(src.stem)
     return stale
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The nbgrader course
+# ------------------------------------------------------------------------------------------------------------
+
+#: points each exercise is worth in the nbgrader course
+NBGRADER_POINTS = 1
+NBGRADER_CONFIG = """# The nbgrader course written by `python -m sinkutils.assign nbgrader`; run nbgrader in this folder:
+#   nbgrader generate_assignment 01_sink     # release/01_sink/: the student edition
+#   nbgrader autograde 01_sink               # submitted/STUDENT/01_sink/01_sink.ipynb -> autograded/, gradebook.db
+c = get_config()
+c.CourseDirectory.course_id = "sinkbook"
+c.ClearSolutions.code_stub = {"python": "raise NotImplementedError(\\"write the body\\")"}
+c.Execute.timeout = 600  # seconds per cell: the set-up cell loads the model
+"""
+
+
+def solution_regions(source: str) -> str:
+    """A solution cell with each function's body (what follows its docstring) between nbgrader's
+    ``### BEGIN SOLUTION`` and ``### END SOLUTION``, so that ``nbgrader generate_assignment`` keeps the signature
+    and docstring, as the student edition does. Refuses what ``stub_source`` refuses."""
+    stub_source(source)
+    lines = source.splitlines()
+    for node in reversed(ast.parse(source).body):
+        indent = " " * node.body[0].col_offset
+        lines.insert(node.end_lineno, f"{indent}### END SOLUTION")
+        lines.insert(node.body[0].end_lineno, f"{indent}### BEGIN SOLUTION")
+    return "\n".join(lines)
+
+
+def _nbgrader(cell: nbformat.NotebookNode, grade_id: str, *, solution=False, grade=False, points=None):
+    cell.metadata["nbgrader"] = {"grade": grade, "grade_id": grade_id, "locked": not solution,
+                                 "schema_version": 3, "solution": solution, **({"points": points} if grade else {})}
+    return cell
+
+
+def nbgrader_source(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The nbgrader source of an instructor edition: solution cells with solution regions, check cells locked,
+    and after each check an autograded test cell (``NBGRADER_POINTS`` points) that asserts the same
+    ``sinkutils.exercises`` check."""
+    out = copy.deepcopy(nb)
+    out.cells = []
+    for cell in nb.cells:
+        cell = copy.deepcopy(cell)
+        tags = cell.metadata.get("tags", [])
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        if "solution" in tags:
+            names = [n.name for n in ast.parse(cell.source).body if isinstance(n, ast.FunctionDef)]
+            cell.source = solution_regions(cell.source)
+            out.cells.append(_nbgrader(cell, f"solution_{names[0]}", solution=True))
+        elif "check" in tags:
+            name = re.match(r"if exercises\.check_(\w+)\(", cell.source).group(1)
+            out.cells.append(_nbgrader(cell, f"check_{name}"))
+            test = nbformat.v4.new_code_cell(f"# autograded ({NBGRADER_POINTS} point): the check above\n"
+                                             f"assert exercises.check_{name}({name}), \"{name}: not implemented yet\"")
+            out.cells.append(_nbgrader(test, f"test_{name}", grade=True, points=NBGRADER_POINTS))
+        else:
+            out.cells.append(cell)
+    out.metadata.setdefault("sinkbook", {})["edition"] = "nbgrader"
+    return out
+
+
+def write_nbgrader_course(out_dir: Path, names: list[str] | None = None, root: Path = SOURCES) -> list[Path]:
+    """An nbgrader course folder: ``nbgrader_config.py`` and ``source/NN_name/NN_name.ipynb`` for each source
+    (or each of ``names``). Returns the notebooks written."""
+    paths = sources(root)
+    if names is not None:
+        unknown = sorted(set(names) - {p.stem for p in paths})
+        if unknown:
+            raise ValueError(f"unknown assignment {unknown[0]!r}; choose from {[p.stem for p in paths]}")
+        paths = [p for p in paths if p.stem in names]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "nbgrader_config.py").write_text(NBGRADER_CONFIG)
+    written = []
+    for src in paths:
+        path = out_dir / "source" / src.stem / src.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nbgrader_source(nbformat.read(src, as_version=4)), path)
+        written.append(path)
+    return written
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -672,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                    "each notebook's metadata says)")
     g.add_argument("--unsafe-no-sandbox", action="store_true", help="grade without bubblewrap: submissions can "
                    "read and change what this user can; the CSV's first line says so")
+    n = sub.add_parser("nbgrader", help="write an nbgrader course folder (source/, nbgrader_config.py)")
+    n.add_argument("out", type=Path)
+    n.add_argument("--assignment", action="append", help="only this assignment (repeatable; default: all)")
     sub.add_parser("list", help="the exercises of every assignment")
     e = sub.add_parser("_execute")  # internal: the runner inside a submission's sandbox
     e.add_argument("--root", type=Path, required=True)
@@ -699,6 +785,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"grade: {err}") from None
         passed = sum(r["result"] == "pass" for r in rows)
         print(f"{args.out}: {passed} of {len(rows)} exercises passed, {len({r['student'] for r in rows})} students")
+    elif args.command == "nbgrader":
+        try:
+            for path in write_nbgrader_course(args.out, args.assignment):
+                print(path)
+        except ValueError as err:
+            raise SystemExit(f"nbgrader: {err}") from None
     elif args.command == "list":
         from sinkutils import exercises
 

@@ -336,7 +336,7 @@ def test_hostile_submissions_cost_only_their_own_rows(sandbox, tmp_path):
     }
     for name, nb in submissions.items():
         nbformat.write(nb, subs / f"{name}.ipynb")
-    before_subs, before_project = _tree_digest(subs), _tree_digest(assign.ROOT / "sinkutils")
+    before_subs, init = _tree_digest(subs), (assign.ROOT / "sinkutils" / "__init__.py").read_bytes()
     before = {p.pid for p in psutil.process_iter()}
     try:
         assert assign.main(["grade", str(subs), "--out", str(out), "--timeout", "60"]) == 0
@@ -348,9 +348,10 @@ def test_hostile_submissions_cost_only_their_own_rows(sandbox, tmp_path):
     assert survivors == [], "a process of a submission outlived the grader"
     assert sentinel_alive, "a submission killed a process outside its sandbox"
     assert accepted == [], "a submission reached a server on the host's 127.0.0.1"
-    assert _tree_digest(subs) == before_subs and _tree_digest(assign.ROOT / "sinkutils") == before_project
+    assert _tree_digest(subs) == before_subs
     assert (instructor / "answers.txt").read_text() == "the instructor's answers"
-    assert not (assign.ROOT / "pwned.txt").exists()
+    assert (assign.ROOT / "sinkutils" / "__init__.py").read_bytes() == init  # the vandal's targets in the project
+    assert not (assign.ROOT / "pwned.txt").exists() and not (assign.ROOT / "sinkutils" / "pwned.py").exists()
     first, rows = assign.read_grades(out)
     assert first == assign.header(assign.Limits(60))
     got = {(r["student"], r["exercise"]): (r["result"], r["message"]) for r in rows}
