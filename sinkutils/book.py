@@ -27,7 +27,117 @@ STAGED = ("_config.yml", "_toc.yml", "book")
 
 
 class ChapterFailed(RuntimeError):
-    """A chapter's cell raised: the message names the chapter and the cell."""
+    """A chapter's cell raised, its kernel died or stalled: the message names the chapter and the cell."""
+
+
+class CellTrouble(Exception):
+    """Raised by the watched client (see ``_engine``) when a cell stalled, timed out or lost its kernel."""
+
+    def __init__(self, what: str, index: int, source: str, stalled: bool = False):
+        super().__init__(what)
+        self.what, self.index, self.stalled = what, index, stalled
+        self.first_line = source.strip().splitlines()[0] if source.strip() else ""
+
+
+#: a cell whose kernel uses no CPU and sends nothing for this long is stalled (``--stall-timeout``)
+STALL_TIMEOUT = 180.0
+
+
+def _engine() -> str:
+    """Register (once) and name papermill's nbclient engine with a watched client. The client starts the kernel
+    over IPC sockets in a private folder (TCP gave a warning per chapter, and its ports can be taken by another
+    process between being chosen and bound), and watches each cell: when the kernel has neither used CPU nor sent
+    a message for ``stall_timeout`` seconds the cell is interrupted and, if the kernel does not answer that
+    either, abandoned. It raises ``CellTrouble`` naming the cell for a stall, a cell timeout or a dead kernel."""
+    import asyncio
+    import tempfile
+
+    import psutil
+    from jupyter_core.utils import ensure_async, run_sync
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine, papermill_engines
+    from traitlets import Float
+
+    if "sinkbook" in papermill_engines._engines:
+        return "sinkbook"
+
+    class WatchedClient(PapermillNotebookClient):
+        stall_timeout = Float(STALL_TIMEOUT)
+        poll_interval = Float(1.0)
+
+        def create_kernel_manager(self):
+            self._ipc_dir = tempfile.TemporaryDirectory(prefix="sinkbook-kernel-")
+            self.km = self.kernel_manager_class(kernel_name=self.kernel_name, config=self.config, transport="ipc",
+                                                ip=os.path.join(self._ipc_dir.name, "kernel"))
+            return self.km
+
+        def process_message(self, msg, cell, cell_index):
+            self._messages = getattr(self, "_messages", 0) + 1
+            return super().process_message(msg, cell, cell_index)
+
+        def _kernel_cpu(self) -> float:
+            """CPU seconds of the kernel and its children so far (0 when the process is not visible)."""
+            try:
+                proc = psutil.Process(self.km.provisioner.pid)
+                return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+            except (AttributeError, TypeError, psutil.Error):
+                return 0.0
+
+        async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+            run = asyncio.ensure_future(super().async_execute_cell(cell, cell_index, execution_count, store_history))
+            seen, last, interrupted = (self._kernel_cpu(), getattr(self, "_messages", 0)), time.monotonic(), False
+            while not run.done():
+                await asyncio.wait({run}, timeout=self.poll_interval)
+                now = (self._kernel_cpu(), getattr(self, "_messages", 0))
+                # progress: a message, or CPU in this interval beyond an idle kernel's wake-ups (2% of a core)
+                moved = now[1] != seen[1] or now[0] - seen[0] > 0.02 * self.poll_interval
+                seen = now
+                if moved:
+                    last = time.monotonic()
+                elif time.monotonic() - last > self.stall_timeout and not run.done():
+                    if interrupted:  # the kernel did not answer the interrupt either: abandon the cell
+                        self.task_poll_for_reply.cancel()
+                        await asyncio.wait({run})
+                        for task in asyncio.all_tasks():  # and nbclient's liveness poll, which only a reply stops
+                            if "_async_poll_kernel_alive" in repr(task.get_coro()):
+                                task.cancel()
+                        break
+                    self.log.warning("cell %s made no progress for %.0f s: interrupting", cell_index, self.stall_timeout)
+                    interrupted, last = True, time.monotonic()
+                    await ensure_async(self.km.interrupt_kernel())
+            try:
+                return run.result()
+            except BaseException as err:
+                if interrupted:
+                    raise CellTrouble(f"made no progress for {self.stall_timeout:.0f} s (the kernel used no CPU and "
+                                      f"sent nothing)", cell_index, cell.source, stalled=True) from err
+                if isinstance(err, CellTimeoutError):
+                    raise CellTrouble(f"timed out ({err})", cell_index, cell.source) from err
+                if isinstance(err, DeadKernelError):
+                    raise CellTrouble("lost its kernel (it died: out of memory, or a crash in native code?)",
+                                      cell_index, cell.source) from err
+                raise
+
+        execute_cell = run_sync(async_execute_cell)  # what papermill calls; nbclient's binds its own method
+
+        async def _async_cleanup_kernel(self):
+            try:
+                await super()._async_cleanup_kernel()
+            finally:
+                self._ipc_dir.cleanup()
+
+    class WatchedEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
+            kwargs.pop("input_path", None)
+            return WatchedClient(nb_man, timeout=execution_timeout, startup_timeout=start_timeout,
+                                 kernel_name=kernel_name, log_output=log_output, stdout_file=stdout_file,
+                                 stderr_file=stderr_file, **kwargs).execute()
+
+    papermill_engines.register("sinkbook", WatchedEngine)
+    return "sinkbook"
 
 
 def chapters(root: Path = ROOT) -> list[str]:
@@ -50,11 +160,13 @@ def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
 
 
 def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,
-            overrides: dict | None = None, folder: str = "chapters") -> float:
+            overrides: dict | None = None, folder: str = "chapters", stall_timeout: float = STALL_TIMEOUT) -> float:
     """Run one chapter with papermill into ``out_dir``; returns seconds. A failing cell raises ChapterFailed.
     ``overrides`` replace the profile's parameters that the chapter declares (``--param`` on the command line).
     ``folder="assignments"`` runs an assignment's instructor edition instead: no profile parameters (it runs the
-    embedded model under every profile, in seconds), and a failing check fails it like any cell."""
+    embedded model under every profile, in seconds), and a failing check fails it like any cell.
+    A cell that makes no progress for ``stall_timeout`` seconds is interrupted and the chapter run once more in a
+    fresh kernel; a second stall, a dead kernel or a cell past ``timeout`` raise ChapterFailed naming the cell."""
     import papermill
 
     if folder not in ("chapters", "assignments"):
@@ -67,12 +179,21 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
     # progress bars help someone waiting at a live kernel; on the static page they would be dead widgets
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
+    params = (parameters(profile, chapter, root) if folder == "chapters" else {}) | overrides
     try:
-        papermill.execute_notebook(str(source), str(out_dir / f"{chapter}.ipynb"),
-                                   parameters=(parameters(profile, chapter, root) if folder == "chapters" else {})
-                                   | overrides, kernel_name="python3",
-                                   cwd=str(root), progress_bar=False, execution_timeout=timeout,
-                                   request_save_on_cell_execute=False)
+        for attempt in (1, 2):
+            try:
+                papermill.execute_notebook(str(source), str(out_dir / f"{chapter}.ipynb"), parameters=params,
+                                           kernel_name="python3", cwd=str(root), progress_bar=False,
+                                           execution_timeout=timeout, request_save_on_cell_execute=False,
+                                           engine_name=_engine(), stall_timeout=stall_timeout)
+                break
+            except CellTrouble as err:
+                where = f"{folder[:-1]} {chapter}: cell {err.index} (starting {err.first_line!r}) {err.what}"
+                if not (err.stalled and attempt == 1):
+                    raise ChapterFailed(where + ("; interrupted, retried once in a fresh kernel, stalled again"
+                                                 if err.stalled else "")) from err
+                tqdm.write(f"{where}; interrupted, retrying the {folder[:-1]} once in a fresh kernel")
     except papermill.PapermillExecutionError as err:
         first_line = err.source.strip().splitlines()[0] if err.source.strip() else ""
         raise ChapterFailed(f"{folder[:-1]} {chapter} failed in the cell starting {first_line!r}: "

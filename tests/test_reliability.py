@@ -133,3 +133,44 @@ def test_bounded_keeps_first_and_last_and_refuses_a_limit_below_one():
     assert widgets.bounded(range(10), 4) == [0, 3, 6, 9]
     with pytest.raises(ValueError, match="limit must be an integer >= 1, got 0"):
         widgets.bounded(range(10), 0)
+
+
+# --- the book runner -----------------------------------------------------------------------------------------
+
+def test_a_stalled_cell_is_interrupted_retried_once_then_named(tmp_path):
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    # the kernel ignores the interrupt and sits idle: what the hang looked like (no CPU, no message, no reply)
+    stall = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(600)"
+    root = one_chapter_root(tmp_path, "99_stall", ["x = 1", "print(x)", stall], {"x": 2})
+    with pytest.raises(book.ChapterFailed, match=r"chapter 99_stall: cell 3 \(starting 'import signal, time'\) made no "
+                                                 r"progress for 2 s .*retried once in a fresh kernel, stalled again"):
+        book.execute("99_stall", "cpu", tmp_path / "out", root=root, stall_timeout=2)
+
+
+def test_a_stall_that_passes_on_the_retry_completes(tmp_path, capfd):
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    marker = tmp_path / "stalled-once"
+    once = (f"import pathlib, time\nif not pathlib.Path({str(marker)!r}).exists():\n"
+            f"    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(600)\nprint('done', x)")
+    root = one_chapter_root(tmp_path, "99_once", ["x = 1", once], {"x": 2})
+    book.execute("99_once", "cpu", tmp_path / "out", root=root, stall_timeout=2)
+    import nbformat
+
+    assert nbformat.read(tmp_path / "out" / "99_once.ipynb", as_version=4).cells[-1].outputs[0]["text"] == "done 2\n"
+    out, err = capfd.readouterr()
+    assert "cell 2 (starting 'import pathlib, time') made no progress for 2 s" in out
+    assert "retrying the chapter once in a fresh kernel" in out
+    assert "TCP without encryption" not in err  # the kernel runs over IPC sockets
+
+
+def test_a_dead_kernel_names_chapter_and_cell(tmp_path):
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    root = one_chapter_root(tmp_path, "99_dies", ["x = 1", "import os\nos._exit(1)"], {"x": 2})
+    with pytest.raises(book.ChapterFailed, match=r"chapter 99_dies: cell 2 \(starting 'import os'\) lost its kernel"):
+        book.execute("99_dies", "cpu", tmp_path / "out", root=root)
