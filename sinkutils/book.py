@@ -155,8 +155,40 @@ def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
     if not path.exists():
         known = sorted(p.stem for p in (root / "profiles").glob("*.yml"))
         raise ValueError(f"unknown profile {profile!r}; choose one of {known}")
-    spec = yaml.safe_load(path.read_text())
-    return dict(spec.get("defaults", {})) | dict((spec.get("chapters") or {}).get(chapter) or {})
+    spec = _profile(path, root)
+    return dict(spec.get("defaults") or {}) | dict((spec.get("chapters") or {}).get(chapter) or {})
+
+
+def declared(chapter: str, root: Path = ROOT) -> set[str]:
+    """The parameters a chapter's ``parameters`` cell assigns (what papermill can set)."""
+    import papermill
+
+    return set(papermill.inspect_notebook(str(root / "chapters" / f"{chapter}.ipynb")))
+
+
+def _profile(path: Path, root: Path) -> dict:
+    """A profile's YAML, checked: a misspelt key would otherwise be dropped and the chapter run with its default."""
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(spec, dict) or set(spec) - {"defaults", "chapters"}:
+        raise ValueError(f"{path}: expected a mapping with the keys 'defaults' and 'chapters', got "
+                         f"{sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
+    known = chapters(root)
+    entries = spec.get("chapters") or {}
+    if set(entries) - set(known):
+        raise ValueError(f"{path}: unknown chapters {sorted(set(entries) - set(known))} under 'chapters'; choose "
+                         f"from {known}")
+    for name, entry in entries.items():
+        if set(entry or {}) - declared(name, root):
+            raise ValueError(f"{path}: chapter {name} has no parameters {sorted(set(entry) - declared(name, root))}; "
+                             f"its parameters are {sorted(declared(name, root))}")
+    every = set().union(*(declared(name, root) for name in known))
+    if set(spec.get("defaults") or {}) - every:
+        raise ValueError(f"{path}: no chapter has the parameters {sorted(set(spec['defaults']) - every)} under "
+                         f"'defaults'; the chapters' parameters are {sorted(every)}")
+    return spec
 
 
 def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,
@@ -250,12 +282,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--param", action="append", default=[], metavar="NAME=YAML",
                    help="override a parameter in every chapter, e.g. --param model_name=smollm-135m "
                         "--param 'compare_models=[]' (the value is read as YAML)")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
+                   help="a cell whose kernel uses no CPU and sends nothing this long is interrupted and its chapter "
+                        f"retried once (default {STALL_TIMEOUT:.0f})")
     args = p.parse_args(argv)
     overrides = parse_params(args.param)
     names = chapters() if args.only is None else args.only
     unknown = sorted(set(names) - set(chapters()))
     if unknown:
         raise SystemExit(f"unknown chapters {unknown}; choose from {chapters()}")
+    try:
+        for name in names:
+            parameters(args.profile, name)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if names:  # an override no chapter run here declares would be dropped, the chapters run with their defaults
+        every = set().union(*(declared(name) for name in names))
+        if set(overrides) - every:
+            raise SystemExit(f"--param {sorted(set(overrides) - every)}: no chapter run here has such a parameter; "
+                             f"theirs are {sorted(every)}")
     from sinkutils import preflight
     preflight.ensure(args.profile, names, overrides)  # hub models and text reachable (or cached), before any chapter
     stage_dir = stage()
@@ -264,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for folder, name in tqdm(jobs, desc=f"chapters and assignments ({args.profile})"):
         key = name if folder == "chapters" else f"assignments/{name}"
         try:
-            timings[key] = execute(name, args.profile, stage_dir / folder, overrides=overrides, folder=folder)
+            timings[key] = execute(name, args.profile, stage_dir / folder, overrides=overrides, folder=folder,
+                                   stall_timeout=args.stall_timeout)
         except ChapterFailed as err:
             raise SystemExit(str(err)) from None
         tqdm.write(f"{key}: {timings[key]:.1f} s")

@@ -174,3 +174,37 @@ def test_a_dead_kernel_names_chapter_and_cell(tmp_path):
     root = one_chapter_root(tmp_path, "99_dies", ["x = 1", "import os\nos._exit(1)"], {"x": 2})
     with pytest.raises(book.ChapterFailed, match=r"chapter 99_dies: cell 2 \(starting 'import os'\) lost its kernel"):
         book.execute("99_dies", "cpu", tmp_path / "out", root=root)
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"defaults": {"seq_lne": 64}}, r"no chapter has the parameters \['seq_lne'\] under 'defaults'"),
+    ({"chapters": {"01_snik": {}}}, r"unknown chapters \['01_snik'\] under 'chapters'; choose from \['01_sink'\]"),
+    ({"chapters": {"01_sink": {"n_txts": 2}}}, r"chapter 01_sink has no parameters \['n_txts'\]; its parameters are "
+                                               r"\['n_texts', 'seq_len'\]"),
+    ("defaults: {seq_len: 64\n", r"cpu.yml is not valid YAML: while parsing a flow mapping"),
+    ({"default": {}}, r"expected a mapping with the keys 'defaults' and 'chapters', got \['default'\]"),
+])
+def test_profile_mistakes_are_refused_not_dropped(tmp_path, profile, message):
+    import json
+
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    root = one_chapter_root(tmp_path, "01_sink", ["n_texts = 1\nseq_len = 8", "print(n_texts)"], {})
+    (root / "profiles" / "cpu.yml").write_text(profile if isinstance(profile, str) else json.dumps(profile))
+    with pytest.raises(ValueError, match=message):
+        book.parameters("cpu", "01_sink", root)
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_book_cli_refuses_an_unknown_param_in_one_line():
+    done = run_cli("-m", "sinkutils.book", "--only", "01_sink", "--no-html", "--no-assignments", "--param", "seq_lne=3")
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith("--param ['seq_lne']: no chapter run here has such a parameter")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
