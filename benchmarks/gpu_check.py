@@ -1,20 +1,26 @@
-"""GPU check of the gpu profile where no hub is reachable: the chapters, exactly as the gpu profile runs them
-(papermill, its lengths and sample counts), on a random-initialised model with Llama-2-7B's exact shape in
-bf16, reporting seconds and peak GPU memory per chapter against the 16 GB a Colab T4 has.
+"""GPU check of the gpu profile where no hub is reachable: what `PROFILE=gpu bash run.sh book` runs (papermill,
+the profile's model names, lengths, sample counts and WikiText-2; nothing overridden), from a Hugging Face cache
+filled with stand-ins of the profile's models at their exact shapes in bf16 (random weights, saved under the real
+repo ids, ``sinkutils.standins``) and WikiText-2-format text, reporting seconds and peak GPU memory per chapter
+against the 16 GB a Colab T4 has.
 
-    python benchmarks/gpu_check.py                                 # every chapter, Llama-2-7B shape
+    python benchmarks/gpu_check.py                                 # every chapter, the paper's shapes
     python benchmarks/gpu_check.py --chapters 01_sink 02_variance  # some
-    python benchmarks/gpu_check.py --shape tiny --device cpu --param n_texts=2   # rehearse it anywhere
+    python benchmarks/gpu_check.py --shape tiny --device cpu --param n_texts=2 --param seq_len=64  # anywhere
 
 Random weights carry none of the paper's structure (no sink, no massive activations), so the chapters' claim
-checks print DEPARTS; what this measures is whether each chapter runs at the paper's lengths, how long it takes
-and how much GPU memory its kernel holds at its peak (``nvidia-smi``, polled every 0.2 s, minus what the GPU held
-before the chapter started). Chapter 6 trains its comparison models for ``--train-steps`` steps only.
+checks print DEPARTS and chapter 4 reports the reference values as not comparable; what this measures is whether
+each chapter runs at the paper's lengths on the users' code path (hub names resolved from the cache, WikiText-2
+read from its parquet file, the preflight), how long it takes and how much GPU memory its kernel holds at its
+peak (``nvidia-smi``, polled every 0.2 s, minus what the GPU held before the chapter started). Chapter 6 trains
+its comparison models for ``--train-steps`` steps only.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,43 +30,36 @@ from pathlib import Path
 
 import torch
 
-from sinkutils import book, models
+from sinkutils import book, models, preflight, standins
 
-#: Llama-2-7B's config (meta-llama/Llama-2-7b-hf), the shape the text's memory promises are about
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-TINY = LLAMA2_7B | dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                        num_key_value_heads=8)
 BUDGET_GIB = 16.0
 #: chapters whose text promises a 16 GB GPU at the paper's lengths (issue: chapters 1-3)
 PROMISED = ("01_sink", "02_variance", "03_interventions")
 
 
-def random_model(folder: Path, shape: dict, device: str) -> Path:
-    """Save a random-initialised Llama of ``shape`` in bf16 (safetensors) with sinkbook-tiny's tokenizer, whose
-    ids (BOS = 1) fit any Llama vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def profile_models(names: list[str], overrides: dict) -> list[str]:
+    """The short names of the hub models the chapters load under the gpu profile (with ``overrides``)."""
+    repos, _ = preflight.needs("gpu", names, overrides)
+    by_repo = {repo: short for short, repo in models.HUB.items()}
+    unknown = [r for r in repos if by_repo.get(r) not in standins.FULL]
+    if unknown:
+        raise SystemExit(f"no stand-in for {unknown}; sinkutils.standins has {sorted(standins.FULL)}")
+    return [by_repo[r] for r in repos]
 
-    if (folder / "config.json").exists():
-        return folder
-    config = LlamaConfig(**shape, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+
+@contextlib.contextmanager
+def environment(**values):
+    """``os.environ`` with ``values`` while the block runs (the chapters' kernels inherit it)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
+        yield
     finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer_dir = models.CHECKPOINTS / models.EMBEDDED[models.DEFAULT]
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer_dir / name, folder / name)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return folder
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class GPUPeak:
@@ -103,9 +102,10 @@ class GPUPeak:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chapters", nargs="*", default=None, help=f"default: all of {book.chapters()}")
-    p.add_argument("--shape", choices=("llama-2-7b", "tiny"), default="llama-2-7b")
+    p.add_argument("--shape", choices=("full", "tiny"), default="full",
+                   help="the stand-ins' shape: the real models' (default) or 3 layers of width 64")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--work", default="/tmp/sinkbook-gpu-check", help="model folder and executed notebooks")
+    p.add_argument("--work", default="/tmp/sinkbook-gpu-check", help="HF cache, executed notebooks, retraining")
     p.add_argument("--train-steps", type=int, default=30, help="chapter 6: steps per comparison model")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per chapter")
     p.add_argument("--param", action="append", default=[], metavar="NAME=YAML", help="extra parameter overrides")
@@ -113,12 +113,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     names = args.chapters or book.chapters()
     work = Path(args.work)
+    hf_home = work / f"hf_home-{args.shape}"
+    overrides = book.parse_params(args.param)
     start = time.time()
-    folder = random_model(work / f"random-{args.shape}", LLAMA2_7B if args.shape == "llama-2-7b" else TINY,
-                          args.device)
-    print(f"random {args.shape} in bf16 at {folder} ({time.time() - start:.0f} s)", flush=True)
-    overrides = {"model_name": str(folder), "text_source": "python_docs", "compare_models": []}
-    overrides |= book.parse_params(args.param)
+    needed = profile_models(names, overrides)
+    standins.build(hf_home, needed, shape=args.shape, device=args.device)
+    print(f"stand-ins {needed} ({args.shape}) and WikiText-2-format text in {hf_home} ({time.time() - start:.0f} s)",
+          flush=True)
+    with environment(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1"):
+        print(f"models and text: {preflight.check('gpu', names, overrides)}", flush=True)
+        return run_chapters(names, overrides, work, args)
+
+
+def run_chapters(names: list[str], overrides: dict, work: Path, args) -> list[dict]:
     rows = []
     for name in names:
         extra = dict(overrides)
@@ -127,7 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base = overrides.get("retrain_overrides", gpu.get("retrain_overrides") or {})  # --param may shrink it
             extra["retrain_overrides"] = dict(base) | {
                 "stop_after": args.train_steps, "eval_every": args.train_steps}  # one evaluation: a loss curve point
-            extra["retrain_dir"] = str(work / "retrain")
+            if not str(args.device).startswith("cuda"):
+                extra["retrain_overrides"]["device"] = args.device
+            extra["retrain_dir"] = str(work / f"retrain-{args.shape}")
         error = None
         with GPUPeak() as peak:
             t0 = time.time()

@@ -34,6 +34,14 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hub_cache() -> str:
+    """The hub cache folder as the environment says now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -97,7 +105,7 @@ def _in_cache(repo_id: str, files: list[str], repo_type: str = "model") -> list[
 
     missing = []
     for name in files:
-        path = try_to_load_from_cache(repo_id, name, repo_type=repo_type)
+        path = try_to_load_from_cache(repo_id, name, cache_dir=hub_cache(), repo_type=repo_type)
         if not isinstance(path, str):
             missing.append(name)
         elif name.endswith(".index.json"):
@@ -145,7 +153,7 @@ def check(profile: str, chapters: list[str], overrides: dict | None = None, root
     repos, wikitext = needs(profile, chapters, overrides, root)
     if not repos and not wikitext:
         return "no hub model or hub text needed"
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
     from sinkutils import data
 
@@ -155,11 +163,11 @@ def check(profile: str, chapters: list[str], overrides: dict | None = None, root
                         "`PROFILE=gpu bash run.sh book` installs it (requirements-gpu.txt)")
     if not offline() and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # the chapters' kernels inherit it: straight to the cache
-        mode = f"the hub ({endpoint()}) is not reachable: using the cache at {constants.HF_HUB_CACHE}"
+        mode = f"the hub ({endpoint()}) is not reachable: using the cache at {hub_cache()}"
     elif offline():
-        mode = f"offline (HF_HUB_OFFLINE=1): using the cache at {constants.HF_HUB_CACHE}"
+        mode = f"offline (HF_HUB_OFFLINE=1): using the cache at {hub_cache()}"
     else:
-        mode = f"the hub ({endpoint()}) is reachable: downloading into {constants.HF_HUB_CACHE} what is missing"
+        mode = f"the hub ({endpoint()}) is reachable: downloading into {hub_cache()} what is missing"
     if offline():
         for repo in repos:
             missing = _weights_in_cache(repo)

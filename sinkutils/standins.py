@@ -72,19 +72,29 @@ def cache_folder(hf_home: str | os.PathLike, repo_id: str, repo_type: str = "mod
     return Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
 
 
-def write_snapshot(hf_home: str | os.PathLike, repo_id: str, files: dict[str, Path], repo_type: str = "model") -> Path:
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_snapshot(hf_home: str | os.PathLike, repo_id: str, files: dict[str, Path], repo_type: str = "model",
+                   move: bool = False) -> Path:
     """Lay ``files`` (name in the repo -> local file) out as the hub's cache does and point ``refs/main`` at
     them: each file's content under ``blobs/<sha256>``, a relative link to it in ``snapshots/<commit>/<name>``.
-    The commit is a hash of the contents (a fixed fake commit id). Returns the snapshot folder."""
+    The commit is a hash of the contents (a fixed fake commit id). ``move`` moves the files instead of copying
+    (a 7B model's 13 GB). Returns the snapshot folder."""
     repo = cache_folder(hf_home, repo_id, repo_type)
-    digests = {name: hashlib.sha256(Path(src).read_bytes()).hexdigest() for name, src in files.items()}
+    digests = {name: _sha256(src) for name, src in files.items()}
     commit = hashlib.sha1(json.dumps(sorted(digests.items())).encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     for name, src in files.items():
         blob = repo / "blobs" / digests[name]
         if not blob.exists():
-            shutil.copyfile(src, blob)
+            (shutil.move if move else shutil.copyfile)(src, blob)
         link = snapshot / name
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
@@ -129,10 +139,11 @@ def save_model(folder: str | os.PathLike, name: str, shape: str = "tiny", device
 
 def add_model(hf_home: str | os.PathLike, name: str, shape: str = "tiny", device: str = "cpu") -> Path:
     """Stand-in ``name`` in the cache under its real repo id (``models.HUB[name]``); returns the snapshot."""
-    with tempfile.TemporaryDirectory() as tmp:
+    Path(hf_home).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=hf_home) as tmp:  # same file system: the blobs are moved, not copied
         folder = save_model(Path(tmp) / "model", name, shape, device)
         files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-        return write_snapshot(hf_home, models.HUB[name], files)
+        return write_snapshot(hf_home, models.HUB[name], files, move=True)
 
 
 def add_wikitext(hf_home: str | os.PathLike, paragraphs: list[str] | None = None) -> Path:
