@@ -80,6 +80,9 @@ class TrainConfig:
 
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {sorted(VARIANTS)}")
+        for name, value in dataclasses.asdict(self).items():  # lr=inf trained a model with a NaN loss
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         for name in ("lr", "steps", "batch_size", "seq_len", "n_layer", "d_model", "n_head", "n_kv_head",
                      "d_ff", "eval_every", "eval_batches", "ckpt_every", "grad_clip"):
             if getattr(self, name) <= 0:
@@ -188,7 +191,28 @@ def training_streams(data_dir: str | Path, cfg: TrainConfig, bos_id: int, eos_id
     streams = load_file(Path(data_dir) / "tokens.safetensors")
     if cfg.bos == "documents":
         streams = {k: with_document_bos(v, bos_id, eos_id) for k, v in streams.items()}
+    for name, stream in streams.items():
+        if len(stream) <= cfg.seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} does not fit the {name} stream of {len(stream)} tokens in "
+                             f"{data_dir}; choose seq_len < {len(stream)}")
     return streams
+
+
+def check_data_dir(data_dir: str | Path) -> None:
+    """A FileNotFoundError naming what is missing unless ``data_dir`` holds what ``prepare`` writes."""
+    missing = [name for name in ("tokenizer", "tokens.safetensors") if not (Path(data_dir) / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir} has no {' or '.join(missing)}: prepare it first with "
+                                f"`python -m sinkutils.train prepare --data-dir {data_dir}`")
+
+
+def _read_state(ckpt: Path) -> dict:
+    """``ckpt/state.json``, or a ValueError naming the file when it is not the JSON ``_save`` writes."""
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{ckpt / 'state.json'} is corrupt ({err}); move {ckpt} away to resume from an older "
+                         f"checkpoint, or use another --out-dir") from None
 
 
 # ----------------------------------------------------------------------------- model and loop
@@ -342,7 +366,7 @@ def _load_weights(model, cfg: TrainConfig, ckpt: Path) -> None:
 
 def _resume(model, opt, cfg: TrainConfig, ckpt: Path) -> tuple[int, list, float]:
     """Load weights and optimizer state after checking that the checkpoint is a run of this very configuration."""
-    saved = json.loads((ckpt / "state.json").read_text())
+    saved = _read_state(ckpt)
     defaults = dataclasses.asdict(TrainConfig(data_dir="", out_dir=""))
     mine = cfg.run_fields()
     theirs = {k: saved["config"].get(k, defaults[k]) for k in mine}
@@ -365,6 +389,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     trains on its slice of every batch through DistributedDataParallel, and only rank 0 evaluates, saves,
     prints and exports; the returned log is complete on rank 0 only."""
     cfg.validate()
+    if stop_after is not None and stop_after <= 0:
+        raise ValueError(f"stop_after must be a positive step, got {stop_after}")
+    check_data_dir(cfg.data_dir)
     rank, local_rank, world = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes")
@@ -447,7 +474,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     ckpt = _latest_checkpoint(Path(out_dir))
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint in {out_dir}; train first with `python -m sinkutils.train run`")
-    saved = json.loads((ckpt / "state.json").read_text())
+    saved = _read_state(ckpt)
     cfg = TrainConfig(**saved["config"])
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
     model = make_model(cfg, len(tokenizer))
@@ -543,13 +570,16 @@ def main(argv: list[str] | None = None) -> None:
     ps.add_argument("--notes", default="", help="markdown appended to the model card (what was tried)")
     args = vars(p.parse_args(argv))
     cmd = args.pop("cmd")
-    if cmd == "prepare":
-        prepare(args["data_dir"], args["vocab_size"])
-    elif cmd == "ship":
-        print(ship(args["out_dir"], args["name"], notes=args["notes"]))
-    else:
-        stop_after = args.pop("stop_after")
-        train(TrainConfig(**args), stop_after=stop_after)
+    try:
+        if cmd == "prepare":
+            prepare(args["data_dir"], args["vocab_size"])
+        elif cmd == "ship":
+            print(ship(args["out_dir"], args["name"], notes=args["notes"]))
+        else:
+            stop_after = args.pop("stop_after")
+            train(TrainConfig(**args), stop_after=stop_after)
+    except (ValueError, OSError) as err:  # a mistake in the arguments or the folders: one line, no traceback
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
 
 
 if __name__ == "__main__":

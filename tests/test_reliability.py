@@ -208,3 +208,49 @@ def test_book_cli_refuses_an_unknown_param_in_one_line():
     assert done.returncode != 0
     assert done.stderr.strip().startswith("--param ['seq_lne']: no chapter run here has such a parameter")
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+# --- training CLI --------------------------------------------------------------------------------------------
+
+from tests.test_train import data_dir, tiny_cfg  # noqa: E402,F401  (the module's prepared token streams)
+
+
+def train_cli(*args: str) -> str:
+    """What ``python -m sinkutils.train`` exits with (its one line on stderr)."""
+    from sinkutils import train
+
+    with pytest.raises(SystemExit) as done:
+        train.main(list(args))
+    assert isinstance(done.value.code, str) and "\n" not in done.value.code
+    return done.value.code
+
+
+def test_train_cli_refuses_an_infinite_lr_in_one_line(tmp_path):
+    done = run_cli("-m", "sinkutils.train", "run", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                   "--lr", "inf")
+    assert done.returncode == 1 and done.stderr == "error: lr must be a finite number, got inf\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_mistakes_are_one_line_errors(data_dir, tmp_path):  # noqa: F811
+    base = ["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "o"), "--n-layer", "1", "--d-model", "16",
+            "--n-head", "2", "--n-kv-head", "2", "--d-ff", "32", "--batch-size", "2", "--steps", "4", "--device", "cpu"]
+    assert train_cli(*base, "--stop-after", "-2") == "error: stop_after must be a positive step, got -2"
+    assert train_cli(*base, "--grad-clip", "nan") == "error: grad_clip must be a finite number, got nan"
+    assert train_cli(*base, "--seq-len", "100000").startswith("error: seq_len=100000 does not fit the train stream of ")
+    missing = tmp_path / "nowhere"
+    assert train_cli(*base[:1], "--data-dir", str(missing), *base[3:]) == (
+        f"error: {missing} has no tokenizer or tokens.safetensors: prepare it first with "
+        f"`python -m sinkutils.train prepare --data-dir {missing}`")
+    assert not (tmp_path / "o").exists()  # nothing was trained
+
+
+def test_a_corrupt_state_json_is_named(data_dir, tmp_path):  # noqa: F811
+    from sinkutils import train
+
+    train.train(tiny_cfg(data_dir, tmp_path / "o", steps=2, eval_every=2))
+    state = tmp_path / "o" / "checkpoint" / "state.json"
+    state.write_text(state.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{state} is corrupt \(.*\); move .* away"):
+        train.train(tiny_cfg(data_dir, tmp_path / "o", steps=4, eval_every=2))
+    assert train_cli("ship", "--out-dir", str(tmp_path / "o"), "--name", "x").startswith(f"error: {state} is corrupt")
