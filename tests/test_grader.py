@@ -561,3 +561,75 @@ def test_limits_describe_themselves():
     assert assign.Limits(30, 2048, 64).describe() == "timeout 30 s, memory 2048 MB per process, 64 processes and threads"
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got inf"):
         assign.Limits(math.inf)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The nbgrader course: nbgrader grades as the built-in grader does
+# --------------------------------------------------------------------------------------------------------------
+
+def test_nbgrader_source_keeps_signature_and_docstring_and_marks_the_body():
+    source = 'def f(x):\n    """Doc."""\n    y = x + 1\n    return y\n\n\ndef g(x):\n    "One."\n    return x'
+    assert assign.solution_regions(source) == (
+        'def f(x):\n    """Doc."""\n    ### BEGIN SOLUTION\n    y = x + 1\n    return y\n    ### END SOLUTION\n\n\n'
+        'def g(x):\n    "One."\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION')
+    with pytest.raises(ValueError, match="only function definitions"):
+        assign.solution_regions("import os\n\ndef f(x):\n    'Doc.'\n    return x")
+    for path in assign.sources():
+        nb = assign.nbgrader_source(nbformat.read(path, as_version=4))
+        graded = [c.metadata["nbgrader"] for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
+        assert [(g["grade_id"], g["points"], g["locked"]) for g in graded] == [
+            (f"test_{ex.name}", assign.NBGRADER_POINTS, True) for ex in exercises.of_chapter(path.stem)]
+        solutions = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("solution")]
+        assert len(solutions) == len(graded) and all("### BEGIN SOLUTION" in c.source for c in solutions)
+
+
+def _filled(release, source):
+    """The released notebook with the instructor's bodies written in, as a student who solved it hands it in."""
+    nb = copy.deepcopy(release)
+    bodies = {c.metadata["nbgrader"]["grade_id"]: c.source for c in source.cells if "nbgrader" in c.metadata}
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("solution"):
+            cell.source = "\n".join(line for line in bodies[cell.metadata["nbgrader"]["grade_id"]].splitlines()
+                                    if line.strip() not in ("### BEGIN SOLUTION", "### END SOLUTION"))
+    return nb
+
+
+@pytest.mark.skipif(not (assign.ROOT / "sinkutils" / "checkpoints" / "sinkbook-tiny" / "config.json").exists(),
+                    reason="embedded model sinkbook-tiny not trained yet")
+def test_nbgrader_autograde_agrees_with_the_builtin_grader(tmp_path):
+    pytest.importorskip("nbgrader", reason="nbgrader is not installed (requirements.txt pins it)")
+    name = "05_disparity"
+    course = tmp_path / "course"
+    assert assign.main(["nbgrader", str(course), "--assignment", name]) == 0
+    env = os.environ | {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # nbgrader runs alembic
+
+    def nbgrader(*args):
+        done = subprocess.run(["nbgrader", *args, "--force"], cwd=course, env=env, capture_output=True, text=True,
+                              timeout=1200)  # a hang guard, not a speed test
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    nbgrader("generate_assignment", name)
+    release = nbformat.read(course / "release" / name / f"{name}.ipynb", as_version=4)
+    source = nbformat.read(course / "source" / name / f"{name}.ipynb", as_version=4)
+    assert "a.amax(dim=-1)" not in nbformat.writes(release)  # no solution reaches the students
+    good = _filled(release, source)
+    submissions = {"good": good, "wrong": _edited(good, "a.amax(dim=-1)", "x.amax(dim=-1)"), "stub": release}
+    builtin = tmp_path / "builtin"
+    builtin.mkdir()
+    for student, nb in submissions.items():
+        path = course / "submitted" / student / name / f"{name}.ipynb"
+        path.parent.mkdir(parents=True)
+        nbformat.write(nb, path)
+        nbformat.write(nb, builtin / f"{student}.ipynb")
+    nbgrader("autograde", name)
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        theirs = {(s, ex.name): gb.find_grade(f"test_{ex.name}", name, name, s).score == assign.NBGRADER_POINTS
+                  for s in submissions for ex in exercises.of_chapter(name)}
+    rows = assign.grade(builtin, tmp_path / "grades.csv", timeout=600, unsafe=assign.sandbox_problem() is not None)
+    ours = {(r["student"], r["exercise"]): r["result"] == "pass" for r in rows}
+    assert theirs == ours
+    assert ours == {("good", "dominance_ratio"): True, ("good", "mean_pairwise_cosine"): True,
+                    ("wrong", "dominance_ratio"): False, ("wrong", "mean_pairwise_cosine"): True,
+                    ("stub", "dominance_ratio"): False, ("stub", "mean_pairwise_cosine"): False}
