@@ -21,6 +21,9 @@ EMBEDDED = {"sinkbook-tiny": "sinkbook-tiny",  # the analysis default; also the 
             "sinkbook-tiny-sigmoid": "sinkbook-tiny-sigmoid", "sinkbook-tiny-headwise": "sinkbook-tiny-headwise",
             "sinkbook-tiny-gated": "sinkbook-tiny-gated"}
 DEFAULT = "sinkbook-tiny"
+#: each embedded folder records the SHA-256 of the files ``load`` reads here (``train.ship`` writes it)
+CHECKSUMS = "SHA256SUMS"
+_UNCHECKED = ("MODEL_CARD.md", "training.json", CHECKSUMS)  # documentation, edited after shipping
 #: short name -> hub id, the models the GPU profile and the paper use
 HUB = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
@@ -45,19 +48,63 @@ class UnsupportedArchitecture(ValueError):
     """The model's layers do not have the Llama-like parts the instrumentation hooks into."""
 
 
+def write_checksums(folder: str | os.PathLike) -> None:
+    """Record in ``folder/SHA256SUMS`` the SHA-256 of every file ``load`` reads (not the model card or log)."""
+    folder = Path(folder)
+    files = sorted(f.name for f in folder.iterdir() if f.is_file() and f.name not in _UNCHECKED)
+    (folder / CHECKSUMS).write_text("".join(f"{_sha256(folder / f)}  {f}\n" for f in files))
+
+
+def verify_checksums(folder: str | os.PathLike) -> None:
+    """ModelNotAvailable naming the first file of ``folder`` that is missing or whose bytes differ from
+    ``SHA256SUMS`` (a corrupt tensor file would otherwise load and give NaN logits)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).exists():
+        raise ModelNotAvailable(f"{folder} has no {CHECKSUMS}: re-ship it with `python -m sinkutils.train ship`, or "
+                                f"record its files with sinkutils.models.write_checksums")
+    for line in (folder / CHECKSUMS).read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        if not (folder / name).exists() or _sha256(folder / name) != digest:
+            raise ModelNotAvailable(f"{folder / name} is missing or corrupt: its SHA-256 differs from the one "
+                                    f"recorded in {CHECKSUMS}; reinstall sinkbook (or re-ship the model)")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A hub id is ``owner/name``; anything else with a slash, or starting with . or ~, is meant as a folder."""
+    return name.startswith((".", "~", "/")) or name.endswith("/") or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def resolve(name_or_dir: str | os.PathLike) -> tuple[str, bool]:
     """(where to load from, is_local). Short names first, then folders, then hub ids."""
     name = str(name_or_dir)
+    if not name.strip():
+        raise ModelNotAvailable(f"empty model name; embedded defaults are {sorted(EMBEDDED)}, hub short names are "
+                                f"{sorted(HUB)}")
     if name in EMBEDDED:
         path = CHECKPOINTS / EMBEDDED[name]
         if not (path / "config.json").exists():
             raise ModelNotAvailable(f"the embedded model {name!r} is missing from {path}; reinstall sinkbook")
+        verify_checksums(path)
         return str(path), True
-    if Path(name).is_dir():
-        return name, True
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailable(f"{path} is not a model folder: it has no config.json (save one with "
+                                    f"save_pretrained, or pass an embedded default {sorted(EMBEDDED)})")
+        if (path / CHECKSUMS).exists():
+            verify_checksums(path)
+        return str(path), True
+    if _looks_like_a_path(name):
+        raise ModelNotAvailable(f"no folder at {path}; embedded defaults are {sorted(EMBEDDED)}")
     if name in HUB:
         return HUB[name], False
-    if "/" in name and not Path(name).exists():
+    if "/" in name and not path.exists():
         return name, False
     raise ModelNotAvailable(f"unknown model {name!r}: not a folder; embedded defaults are {sorted(EMBEDDED)}, "
                             f"hub short names are {sorted(HUB)}, or pass a hub id like 'meta-llama/Llama-2-7b-hf'")
@@ -82,6 +129,31 @@ def check_architecture(model) -> None:
                                       f"Supported families: {FAMILIES} (Llama-like decoders)")
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch knows it and it is present here, else a ValueError saying what is."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                         f"use device='cpu'")
+    return device
+
+
+def _check_safetensors(folder: Path) -> None:
+    """ModelNotAvailable naming the weight file whose header or length is broken (e.g. a truncated download)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types
+            raise ModelNotAvailable(f"{path} is not a readable safetensors file ({err}); re-download or re-save "
+                                    f"it") from None
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -102,7 +174,9 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
     from sinkutils import variants
 
     source, local = resolve(name_or_dir)
-    device = device or default_device()
+    device = check_device(device or default_device())
+    if local:
+        _check_safetensors(Path(source))
     dtype = dtype or default_dtype(device)
     verbosity = hf_logging.get_verbosity()
     try:
@@ -121,7 +195,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
     except OSError as err:
         if local:
-            raise
+            raise ModelNotAvailable(f"could not load {source}: {' '.join(str(err).split())}") from err
         raise ModelNotAvailable(
             f"could not load {source!r} from the hub ({type(err).__name__}); offline you can use the embedded "
             f"defaults {sorted(EMBEDDED)} or a local folder saved with save_pretrained. Gated models "

@@ -484,6 +484,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
         shutil.rmtree(dest)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+    models.write_checksums(dest)  # load verifies them: a corrupt tensor file is refused, not run to NaN logits
     model.eval()
     ids = data.token_batch(tokenizer, data.python_docs(), n=32, length=128, seed=0)
     prof = measure.sink_profile(model, ids)

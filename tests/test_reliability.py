@@ -254,3 +254,66 @@ def test_a_corrupt_state_json_is_named(data_dir, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=rf"{state} is corrupt \(.*\); move .* away"):
         train.train(tiny_cfg(data_dir, tmp_path / "o", steps=4, eval_every=2))
     assert train_cli("ship", "--out-dir", str(tmp_path / "o"), "--name", "x").startswith(f"error: {state} is corrupt")
+
+
+# --- models.load ---------------------------------------------------------------------------------------------
+
+def embedded_copy(tmp_path, name="sinkbook-tiny"):
+    import shutil
+
+    dest = tmp_path / name
+    shutil.copytree(models.CHECKPOINTS / name, dest)
+    return dest
+
+
+def test_every_embedded_model_records_and_passes_its_checksums():
+    for name, folder in models.EMBEDDED.items():
+        recorded = (models.CHECKPOINTS / folder / models.CHECKSUMS).read_text()
+        assert "model.safetensors" in recorded and "config.json" in recorded, name
+        models.verify_checksums(models.CHECKPOINTS / folder)
+
+
+def test_corrupt_tensor_bytes_are_refused_naming_the_file(tmp_path, monkeypatch):
+    folder = embedded_copy(tmp_path)
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4000:-3996] = b"\xff\xff\xff\x7f"  # a NaN inside a tensor: the header still parses
+    weights.write_bytes(bytes(raw))
+    monkeypatch.setattr(models, "CHECKPOINTS", tmp_path)
+    with pytest.raises(models.ModelNotAvailable, match=rf"{weights} is missing or corrupt: its SHA-256 differs"):
+        models.load("sinkbook-tiny", device="cpu")
+    with pytest.raises(models.ModelNotAvailable, match=rf"{weights} is missing or corrupt"):
+        models.load(folder, device="cpu")  # a folder that records its checksums is checked too
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    folder = embedded_copy(tmp_path)
+    (folder / models.CHECKSUMS).unlink()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(models.ModelNotAvailable, match=rf"{weights} is not a readable safetensors file"):
+        models.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "empty model name; embedded defaults are"),
+    ("./no/such/folder", r"no folder at no/such/folder; embedded defaults are"),
+    ("/no/such/folder", r"no folder at /no/such/folder"),
+])
+def test_names_that_cannot_be_models_say_so(name, message):
+    with pytest.raises(models.ModelNotAvailable, match=message):
+        models.load(name, device="cpu")
+
+
+def test_an_empty_folder_is_not_a_model(tmp_path):
+    with pytest.raises(models.ModelNotAvailable, match=rf"{tmp_path} is not a model folder: it has no config.json"):
+        models.load(tmp_path, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_sentence():
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but this torch .* sees no CUDA GPU; use "
+                                         r"device='cpu'"):
+        models.load("sinkbook-tiny", device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        models.load("sinkbook-tiny", device="gpu")
