@@ -1,0 +1,102 @@
+"""Issue 17's hang: execute a chapter with CPU-bound processes beside it, with papermill's stock engine (kernel over
+TCP, no watchdog: what `run.sh book` did) or with `sinkutils.book`'s watched engine (IPC, stall watchdog).
+
+    python benchmarks/book_hang.py --chapter 03_interventions --hogs 1 --runs 3 --engine stock
+    python benchmarks/book_hang.py --stalled-cell --engine stock      # a cell whose kernel sits idle: hangs to --timeout
+    python benchmarks/book_hang.py --stalled-cell --engine sinkbook   # the same: interrupted, retried once, named
+
+Prints one line per run: seconds, the outcome, and the longest silence between two kernel messages. A hog runs at
+``--hog-nice`` (default 19, so it takes only idle CPU from everything else on a shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+from sinkutils import book
+
+HOG = "while True: pass"
+STALL = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)  # like a kernel that lost the request\n" \
+        "time.sleep(3600)"
+
+
+def stalled_root(tmp: Path) -> Path:
+    """A book root with one chapter 99_stalled: a few quick cells, then one that sits idle ignoring interrupts."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("n = 3", metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(f"print(sum(range(10 ** 6)) + {i})") for i in range(20)] + \
+                [nbformat.v4.new_code_cell(STALL)]
+    (tmp / "chapters").mkdir(parents=True)
+    (tmp / "profiles").mkdir()
+    nbformat.write(nb, tmp / "chapters" / "99_stalled.ipynb")
+    (tmp / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"n": 3}}))
+    return tmp
+
+
+def run_once(chapter: str, root: Path, out: Path, engine: str, timeout: int, stall: float) -> tuple[float, str]:
+    import papermill
+
+    start = time.time()
+    try:
+        if engine == "sinkbook":
+            book.execute(chapter, "cpu", out, root=root, timeout=timeout, stall_timeout=stall)
+        else:
+            papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out / f"{chapter}.ipynb"),
+                                       parameters=book.parameters("cpu", chapter, root), kernel_name="python3",
+                                       cwd=str(root), progress_bar=False, execution_timeout=timeout)
+        outcome = "completed"
+    except Exception as err:  # the outcome is what this script reports
+        outcome = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    return time.time() - start, outcome
+
+
+def longest_silence(path: Path) -> float:
+    """The longest gap between one cell's end and the next one's (papermill's per-cell timestamps)."""
+    if not path.exists():
+        return float("nan")
+    from datetime import datetime
+
+    cells = [c.metadata.get("papermill", {}) for c in nbformat.read(path, as_version=4).cells]
+    times = [(datetime.fromisoformat(c["start_time"].rstrip("Z")), datetime.fromisoformat(c["end_time"].rstrip("Z")))
+             for c in cells if c.get("start_time") and c.get("end_time")]
+    return max([(b[0] - a[1]).total_seconds() for a, b in zip(times, times[1:])] + [0.0])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--chapter", default="03_interventions")
+    p.add_argument("--stalled-cell", action="store_true", help="run a synthetic chapter whose last cell stalls")
+    p.add_argument("--engine", choices=["stock", "sinkbook"], default="sinkbook")
+    p.add_argument("--hogs", type=int, default=1)
+    p.add_argument("--hog-nice", type=int, default=19)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=600, help="per-cell timeout (papermill's execution_timeout)")
+    p.add_argument("--stall-timeout", type=float, default=book.STALL_TIMEOUT)
+    args = p.parse_args()
+    hogs = [subprocess.Popen(["nice", "-n", str(args.hog_nice), sys.executable, "-c", HOG]) for _ in range(args.hogs)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = stalled_root(Path(tmp) / "root") if args.stalled_cell else book.ROOT
+            chapter = "99_stalled" if args.stalled_cell else args.chapter
+            for i in range(args.runs):
+                out = Path(tmp) / f"out{i}"
+                out.mkdir()
+                seconds, outcome = run_once(chapter, root, out, args.engine, args.timeout, args.stall_timeout)
+                print(f"run {i + 1}: {chapter} engine={args.engine} hogs={args.hogs} {seconds:7.1f} s  {outcome}  "
+                      f"longest gap between cells {longest_silence(out / f'{chapter}.ipynb'):.1f} s", flush=True)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+if __name__ == "__main__":
+    main()
