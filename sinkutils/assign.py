@@ -298,7 +298,7 @@ def _readonly_paths() -> list[Path]:
 
 
 def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> list[str]:
-    """The bubblewrap command line a submission's runner goes after: new PID, network, IPC and UTS namespaces;
+    """The bubblewrap command line that runs ``command`` in a new sandbox: new PID, network, IPC and UTS namespaces;
     the system, this Python and sinkutils read-only; a size-limited tmpfs at /tmp as the only writable place;
     ``hidden`` (the submissions and the grader's output folders) covered by an empty read-only tmpfs wherever
     they fall inside what is bound. Run as root, it keeps no user namespace and setpriv drops the runner to
@@ -407,7 +407,7 @@ def _kill_tree(pid: int) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(family)
+    psutil.wait_procs(family, timeout=60)  # in the sandbox they are gone at once; unsafe, a zombie may linger
 
 
 def _run_submission(notebook: str, assignment: str, limits: Limits, hidden: list[Path], unsafe: bool) -> dict | str:
@@ -445,7 +445,9 @@ def _run_submission(notebook: str, assignment: str, limits: Limits, hidden: list
             drain.join(None if not unsafe else 10)  # unsafe: a daemon the tree missed may hold the pipe
         if base is not None:
             shutil.rmtree(base, ignore_errors=True)
-    if result.total > MAX_OUTPUTS_BYTES * 2 or result.is_alive():
+    if result.is_alive():
+        return "crashed: a process of the submission kept the runner's report open after the run"
+    if result.total > MAX_OUTPUTS_BYTES * 2:
         return f"the runner's report is over {MAX_OUTPUTS_BYTES >> 19} MB; return results of the expected shape"
     if timed_out and not result.data:
         return f"timed out after {limits.timeout:g} s"
@@ -473,9 +475,10 @@ def _feed(stream, data: bytes) -> None:
 
 def _execute(root: Path, assignment: str, result_fd: int, timeout: float, memory_mb: int, processes: int) -> None:
     """The runner, inside the sandbox: set the limits, append the grading cell to the notebook given on stdin,
-    execute it with papermill in ``root/work`` (errors allowed), stop it ``timeout`` seconds after the start, and write the report to
-    ``result_fd``: JSON with ``stopped`` (why the notebook did not finish, or None), ``first_error`` (the first
-    error of the submission's own cells) and ``outputs`` (the outputs file, base64, or None)."""
+    execute it with papermill in ``root/work`` (errors allowed), stop it ``timeout`` seconds after the start, and
+    write the report to ``result_fd``: JSON with ``stopped`` (why the notebook did not finish, or None),
+    ``first_error`` (the first error of the submission's own cells) and ``outputs`` (the outputs file, base64, or
+    None)."""
     import base64
     import resource
 
