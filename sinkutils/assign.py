@@ -328,9 +328,9 @@ def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> 
                 made.add(parent)
         argv += ["--ro-bind", str(path), str(path)]
         bound.append(path)
-    for path in hidden:
-        if any(path.is_relative_to(b) for b in bound):
-            argv += ["--tmpfs", str(path), "--remount-ro", str(path)]
+    for path in hidden:  # where it shows inside, also through a bound path that is a symbolic link
+        for inside in {b / path.relative_to(b.resolve()) for b in bound if path.is_relative_to(b.resolve())}:
+            argv += ["--tmpfs", str(inside), "--remount-ro", str(inside)]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMP_BYTES), "--perms", "01777",
              "--tmpfs", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     for name, value in env.items():
@@ -345,10 +345,11 @@ def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> 
     return argv + command
 
 
-def sandbox_problem() -> str | None:
-    """None when bubblewrap can run a submission here, else what is wrong and how to fix it."""
+def sandbox_problem(hidden: list[Path] = ()) -> str | None:
+    """None when bubblewrap can run a submission here (with ``hidden`` covered), else what is wrong and how to fix
+    it."""
     try:
-        argv = _bwrap_argv([], _runner_env("/tmp"), [sys.executable, "-c", "import sinkutils.assign, papermill"])
+        argv = _bwrap_argv(list(hidden), _runner_env("/tmp"), [sys.executable, "-c", "import sinkutils.assign, papermill"])
     except GradingError as err:
         return str(err)
     probe = subprocess.run(argv, capture_output=True, text=True, env={}, stdin=subprocess.DEVNULL)
@@ -710,10 +711,10 @@ def grade(submissions: Path, out_csv: Path, timeout: float = 120, assignment: st
                                "with those, pass another --out, or delete it to grade everything again")
     graded = {r["student"] for r in rows}
     todo = [p for p in paths if p.stem not in graded]
-    if todo and not unsafe and (problem := sandbox_problem()):
-        raise GradingError(problem)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     hidden = [submissions, out_csv.parent]
+    if todo and not unsafe and (problem := sandbox_problem(hidden)):
+        raise GradingError(problem)
     # read every submission before any runs: a sandbox never sees the folder
     copies = {p.stem: p.read_bytes() for p in todo}
     failed = []

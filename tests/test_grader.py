@@ -183,6 +183,17 @@ def test_sandbox_shows_only_what_grading_needs_and_lets_write_only_a_small_priva
     assert accepted == []
 
 
+def test_a_hidden_folder_is_covered_also_where_it_shows_through_a_symlinked_bound_path(tmp_path, monkeypatch):
+    real, link = tmp_path / "real-venv", tmp_path / "venv"
+    (real / "subs").mkdir(parents=True)
+    link.symlink_to(real)
+    monkeypatch.setattr(assign, "_readonly_paths", lambda: [link])
+    monkeypatch.setattr(assign.shutil, "which", lambda name: f"/usr/bin/{name}")
+    argv = assign._bwrap_argv([real / "subs", tmp_path / "out"], {}, ["true"])
+    covered = [argv[i + 1] for i, a in enumerate(argv) if a == "--tmpfs" and argv[i + 1] != "/tmp"]
+    assert covered == [str(link / "subs")]  # the output folder is not bound anywhere: nothing to cover
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The attacks: one grading run over good, wrong and hostile submissions
 # --------------------------------------------------------------------------------------------------------------
@@ -396,7 +407,7 @@ def _fake_grading(monkeypatch, fail_on=(), fail_exercises=()):
                                  else PASSED) for ex in exercises.of_chapter(name)]
 
     monkeypatch.setattr(assign, "grade_notebook", fake)
-    monkeypatch.setattr(assign, "sandbox_problem", lambda: None)
+    monkeypatch.setattr(assign, "sandbox_problem", lambda hidden=(): None)
     return graded
 
 
@@ -543,7 +554,7 @@ def test_assignment_comes_from_metadata_else_from_the_functions_defined():
 
 
 def test_grader_rows_for_unreadable_and_unknown_notebooks(tmp_path, monkeypatch):
-    monkeypatch.setattr(assign, "sandbox_problem", lambda: None)  # nothing here reaches a sandbox
+    monkeypatch.setattr(assign, "sandbox_problem", lambda hidden=(): None)  # nothing here reaches a sandbox
     folder = tmp_path / "subs"
     folder.mkdir()
     (folder / "garbage.ipynb").write_text("{not json")
