@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: the install spec's default in a set-up cell, as it appears in the notebook's JSON
 SPEC = re.compile(r'(SINKBOOK_INSTALL_SPEC\\", \\")(sinkbook @ git\+[^"\\]+)(\\")')
 CONFIG_URL = re.compile(r"(^repository:\n  url: )(\S+)$", re.M)
-#: a repository link in the docs: GitHub's own, or Colab's (colab.research.google.com/github/<owner>/<name>/blob/...)
-GITHUB = re.compile(r"((?<![\w.])github\.com/|colab\.research\.google\.com/github/)([\w.-]+/[\w.-]+?)"
+#: a link to the project's repository in the docs (a repository named sinkbook, under any owner): GitHub's own or
+#: Colab's (colab.research.google.com/github/<owner>/sinkbook/blob/...); links to other projects are left alone
+GITHUB = re.compile(r"((?<![\w.])github\.com/|colab\.research\.google\.com/github/)([\w.-]+/sinkbook)"
                     r"(?=[/)\s`>\]]|\.git\b|$)", re.M)
 DOCS = ("README.md", "book/running.md", "book/assignments.md", "book/intro.md")
 

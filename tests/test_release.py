@@ -41,11 +41,13 @@ def test_sync_rewrites_every_copy_after_a_version_bump(tree):
     pyproject = tree / "pyproject.toml"
     text = pyproject.read_text()
     text = re.sub(r'^version = "[^"]+"', 'version = "0.2.0"', text, flags=re.M)
-    pyproject.write_text(text.replace("https://github.com/sinkbook/sinkbook", "https://github.com/example/fork"))
+    pyproject.write_text(text.replace("https://github.com/sinkbook/sinkbook", "https://github.com/example/sinkbook"))
+    with open(tree / "README.md", "a") as f:
+        f.write("\nAnother project: https://github.com/containers/bubblewrap\n")
     before = {p: p.read_text() for p in release.notebooks(tree)}
     problems = release.check(tree)
     assert any("chapters/01_sink.ipynb: installs 'sinkbook @ git+https://github.com/sinkbook/sinkbook@v0.1.0', "
-               "pyproject says 'sinkbook @ git+https://github.com/example/fork@v0.2.0'" in p for p in problems)
+               "pyproject says 'sinkbook @ git+https://github.com/example/sinkbook@v0.2.0'" in p for p in problems)
     assert any(p.startswith("_config.yml: repository url") for p in problems)
     assert any(p.startswith("book/running.md: links github.com/sinkbook/sinkbook") for p in problems)
     changed = release.sync(tree)
@@ -54,10 +56,11 @@ def test_sync_rewrites_every_copy_after_a_version_bump(tree):
     for nb, old in before.items():
         new = nb.read_text()
         json.loads(new)
-        assert new.count("sinkbook @ git+https://github.com/example/fork@v0.2.0") == old.count("SINKBOOK_INSTALL_SPEC\\\", ")
-        assert new.replace("example/fork@v0.2.0", "sinkbook/sinkbook@v0.1.0") == old  # nothing else changed
-    assert "url: https://github.com/example/fork\n" in (tree / "_config.yml").read_text()
-    assert "colab.research.google.com/github/example/fork/blob/main/" in (tree / "book" / "assignments.md").read_text()
+        assert new.count("sinkbook @ git+https://github.com/example/sinkbook@v0.2.0") == old.count("SINKBOOK_INSTALL_SPEC\\\", ")
+        assert new.replace("example/sinkbook@v0.2.0", "sinkbook/sinkbook@v0.1.0") == old  # nothing else changed
+    assert "url: https://github.com/example/sinkbook\n" in (tree / "_config.yml").read_text()
+    assert "colab.research.google.com/github/example/sinkbook/blob/main/" in (tree / "book" / "assignments.md").read_text()
+    assert "https://github.com/containers/bubblewrap\n" in (tree / "README.md").read_text()  # others' links untouched
 
 
 def test_missing_repository_is_named(tmp_path):
