@@ -3,9 +3,12 @@ for each attention variant against a plain loop over transformers' LlamaForCausa
 
 Same config, same batch, same inputs, same process; modes are timed in turns (round-robin over repeats) so
 background load hits them alike, and each mode's best repeat counts. Prints tokens/s and the ratio of each
-mode's step time to the plain loop's (1.00 = no overhead).
+mode's step time to the plain loop's (1.00 = no overhead), by the wall clock and by this process's CPU time
+(the fairer clock when other work shares the machine).
 
     python benchmarks/train_throughput.py                                  # 4 layers, width 256, B 4, T 128
+    python benchmarks/train_throughput.py --layers 6 --width 128 --seq-len 256 --batch 16 --vocab 512 \
+        --threads 1 --variants baseline                                    # the embedded models' recipe
     python benchmarks/train_throughput.py --layers 8 --width 512 --seq-len 512 --batch 16 --device cuda
 """
 from __future__ import annotations
@@ -21,10 +24,12 @@ from sinkutils import train, variants
 
 
 def variant_step(cfg: train.TrainConfig, vocab: int, ids: torch.Tensor) -> tuple[Callable, object]:
-    """``step -> loss`` running ``train.train_step`` on a fresh model of ``cfg.variant``; and its config."""
+    """``step -> loss`` running ``train.train_step`` on a fresh model of ``cfg.variant`` (compiled as ``train``
+    compiles it with ``cfg.compile``); and its config."""
     model = train.make_model(cfg, vocab).to(ids.device).train()
     opt = train.make_optimizer(model, cfg)
-    return (lambda step: train.train_step(model, opt, cfg, ids, step)), model.config
+    net = train.compiled(model, cfg)
+    return (lambda step: train.train_step(net, opt, cfg, ids, step)), model.config
 
 
 def plain_step(config, cfg: train.TrainConfig, ids: torch.Tensor) -> Callable:
@@ -62,6 +67,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=sorted(variants.VARIANTS), choices=sorted(variants.VARIANTS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compiled", nargs="*", default=["baseline"], choices=sorted(variants.VARIANTS),
+                   help="variants also timed with --compile true (train.compiled; the first steps compile)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +81,9 @@ def main() -> None:
     runners: dict[str, Callable] = {}
     for variant in args.variants:
         runners[variant], config = variant_step(dataclasses.replace(cfg, variant=variant), args.vocab, ids)
+    for variant in args.compiled:
+        runners[f"{variant} compiled"], _ = variant_step(dataclasses.replace(cfg, variant=variant, compile=True),
+                                                         args.vocab, ids)
     runners = {"plain sdpa": plain_step(config, cfg, ids)} | runners
 
     def now() -> float:
@@ -81,23 +91,25 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    for run in runners.values():  # warm-up: allocator, thread pools, AdamW state
+    for run in runners.values():  # warm-up: allocator, thread pools, AdamW state, compilation
         run(0), run(1)
-    best = {name: float("inf") for name in runners}
+    wall = {name: float("inf") for name in runners}
+    cpu = dict(wall)  # process CPU seconds: on a shared machine the fairer clock for a CPU run
     for r in range(args.repeats):  # modes in turns, so background load hits them alike
         for name, run in runners.items():
-            start = now()
+            start, start_cpu = now(), time.process_time()
             for s in range(args.steps):
                 run(2 + r * args.steps + s)
-            best[name] = min(best[name], (now() - start) / args.steps)
+            wall[name] = min(wall[name], (now() - start) / args.steps)
+            cpu[name] = min(cpu[name], (time.process_time() - start_cpu) / args.steps)
     tokens = args.batch * args.seq_len
     print(f"model: {args.layers} layers, width {args.width}, heads {args.heads}/{args.kv_heads} (q/kv), "
           f"vocab {args.vocab}; batch {args.batch} x {args.seq_len} tokens; {args.device}, "
           f"{torch.get_num_threads()} threads; best of {args.repeats} x {args.steps} steps")
-    print(f"{'mode':>18} {'step (s)':>9} {'tokens/s':>10} {'time ratio':>11}")
-    base = best["plain sdpa"]
-    for name, seconds in best.items():
-        print(f"{name:>18} {seconds:>9.3f} {tokens / seconds:>10.0f} {seconds / base:>11.2f}")
+    print(f"{'mode':>26} {'step (s)':>9} {'tokens/s':>10} {'time ratio':>11} {'CPU s/step':>11} {'CPU ratio':>10}")
+    for name in runners:
+        print(f"{name:>26} {wall[name]:>9.3f} {tokens / wall[name]:>10.0f} {wall[name] / wall['plain sdpa']:>11.2f} "
+              f"{cpu[name]:>11.3f} {cpu[name] / cpu['plain sdpa']:>10.2f}")
 
 
 if __name__ == "__main__":
