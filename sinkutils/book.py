@@ -296,11 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             parameters(args.profile, name)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if names:  # an override no chapter run here declares would be dropped, the chapters run with their defaults
-        every = set().union(*(declared(name) for name in names))
-        if set(overrides) - every:
-            raise SystemExit(f"--param {sorted(set(overrides) - every)}: no chapter run here has such a parameter; "
-                             f"theirs are {sorted(every)}")
+    every = set().union(*(declared(name) for name in chapters()))  # a typo would be dropped: chapters run on defaults
+    if set(overrides) - every:
+        raise SystemExit(f"--param {sorted(set(overrides) - every)}: no chapter has such a parameter; theirs are "
+                         f"{sorted(every)}")
     from sinkutils import preflight
     preflight.ensure(args.profile, names, overrides)  # hub models and text reachable (or cached), before any chapter
     stage_dir = stage()

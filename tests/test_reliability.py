@@ -167,6 +167,18 @@ def test_a_stall_that_passes_on_the_retry_completes(tmp_path, capfd):
     assert "TCP without encryption" not in err  # the kernel runs over IPC sockets
 
 
+def test_a_busy_silent_cell_is_progress_not_a_stall(tmp_path):
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    busy = "import time\nt = time.time()\nwhile time.time() - t < 6:\n    pass\nprint('busy', x)"
+    root = one_chapter_root(tmp_path, "99_busy", ["x = 1", busy], {"x": 2})
+    book.execute("99_busy", "cpu", tmp_path / "out", root=root, stall_timeout=2)  # CPU counts as progress
+    import nbformat
+
+    assert nbformat.read(tmp_path / "out" / "99_busy.ipynb", as_version=4).cells[-1].outputs[0]["text"] == "busy 2\n"
+
+
 def test_a_dead_kernel_names_chapter_and_cell(tmp_path):
     from sinkutils import book
     from tests.test_chapters import one_chapter_root
@@ -206,7 +218,7 @@ def run_cli(*args: str):
 def test_book_cli_refuses_an_unknown_param_in_one_line():
     done = run_cli("-m", "sinkutils.book", "--only", "01_sink", "--no-html", "--no-assignments", "--param", "seq_lne=3")
     assert done.returncode != 0
-    assert done.stderr.strip().startswith("--param ['seq_lne']: no chapter run here has such a parameter")
+    assert done.stderr.strip().startswith("--param ['seq_lne']: no chapter has such a parameter")
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
