@@ -57,6 +57,12 @@ class SinkProfile:
         jumps = self.first_norm[1:] / self.first_norm[:-1]
         return int(jumps.argmax()) + 1
 
+    @property
+    def variance_layer(self) -> int:
+        """The layer before the norm spike: its attention output feeds the FFN that makes token 0's massive
+        activation, so the paper reads the variance discrepancy there (chapter 2's default layer)."""
+        return self.norm_spike_layer - 1
+
 
 @torch.no_grad()
 def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int = 4,

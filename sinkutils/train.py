@@ -187,7 +187,8 @@ def batch(stream: torch.Tensor, cfg: TrainConfig, step: int, bos_id: int, vocab_
 
 
 def training_streams(data_dir: str | Path, cfg: TrainConfig, bos_id: int, eos_id: int) -> dict[str, torch.Tensor]:
-    """The prepared train and validation streams, with BOS at document starts when ``cfg.bos == "documents"``."""
+    """The prepared train and validation streams, with BOS at document starts when ``cfg.bos == "documents"``;
+    each must be longer than ``cfg.seq_len`` for a window to fit."""
     streams = load_file(Path(data_dir) / "tokens.safetensors")
     if cfg.bos == "documents":
         streams = {k: with_document_bos(v, bos_id, eos_id) for k, v in streams.items()}
