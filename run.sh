@@ -101,6 +101,8 @@ VENDOR_PINS=(
   "@jupyter-widgets/html-manager@1.0.15 sha512-5thBIV6ymNgmPVOHvzx+gGy8ZSKmSazhtGw4/c4xJDVzRhG9PTeQsRjF3FUTopvFi//SABeNz1yp47bCrJ3CQA=="
   "requirejs@2.3.8 sha512-7/cTSLOdYkNBNJcDMWf+luFvMriVm7eYxp4BcFCsAX0wF421Vyce5SXP17c+Jd5otXKGNehIonFlyQXSowL6Mw=="
   "mathjax@3.2.2 sha512-Bt+SSVU8eBG27zChVewOicYs7Xsdt40qm4+UpHyX7k0/O9NliPc+x77k1/FEsPsjKPZGJvtRZM1vO+geW0OhGw=="
+  "onnxruntime-web@1.22.0 sha512-Ud/+EBo6mhuaQWt/OjaOk0iNWjXqJoeeMFr6xQEERZdIZH2OWpGzuujz7lfuOBjUa6TEE/sc4nb7Da5dNL34fg=="
+  "@huggingface/tokenizers@0.2.0 sha512-LidMHe1FpcSYH4vcSjXooda34pC0M8m1gmDOv7SQi6Iv+ib1zX7J3sHBCC9/3FPCkn2k1b55FneVqMRxrr99pg=="
 )
 
 vendor_ok() {  # the pins match and every listed file has its checksum
@@ -134,8 +136,11 @@ vendor() {
     mkdir -p "$tmp/${spec%@*}" && tar -xzf "$tmp/$tarball" -C "$tmp/${spec%@*}"
   done
   local hm="$tmp/@jupyter-widgets/html-manager/package" rq="$tmp/requirejs/package" mj="$tmp/mathjax/package"
-  rm -rf "$VENDOR_DIR/html-manager" "$VENDOR_DIR/requirejs" "$VENDOR_DIR/mathjax"
-  mkdir -p "$VENDOR_DIR/html-manager" "$VENDOR_DIR/requirejs" "$VENDOR_DIR/mathjax/output/chtml/fonts"
+  local ort="$tmp/onnxruntime-web/package" tk="$tmp/@huggingface/tokenizers/package"
+  rm -rf "$VENDOR_DIR/html-manager" "$VENDOR_DIR/requirejs" "$VENDOR_DIR/mathjax" "$VENDOR_DIR/onnxruntime-web" \
+    "$VENDOR_DIR/tokenizers"
+  mkdir -p "$VENDOR_DIR/html-manager" "$VENDOR_DIR/requirejs" "$VENDOR_DIR/mathjax/output/chtml/fonts" \
+    "$VENDOR_DIR/onnxruntime-web" "$VENDOR_DIR/tokenizers"
   # embed-amd.js finds its Font Awesome fonts next to itself; browsers use the woff2 of each @font-face
   cp "$hm/dist/embed-amd.js" "$hm"/dist/*.woff2 "$VENDOR_DIR/html-manager/"
   cp "$hm/dist/embed.js.LICENSE.txt" "$VENDOR_DIR/html-manager/THIRD-PARTY-LICENSES.txt"
@@ -143,13 +148,19 @@ vendor() {
   # the -full bundle has every TeX extension built in (no lazy loads); fonts are looked up next to it
   cp "$mj/es5/tex-chtml-full.js" "$mj/LICENSE" "$VENDOR_DIR/mathjax/"
   cp -r "$mj/es5/output/chtml/fonts/woff-v2" "$VENDOR_DIR/mathjax/output/chtml/fonts/"
+  # the "try it" page (book/try_it.md): ONNX Runtime Web's wasm-only ES module bundle and its plain SIMD wasm
+  # (11.2 MB; the jsep/webgpu build is 21.9 MB; 1.22.0 because every later release's wasm is larger: 1.23.2
+  # 11.9 MB, 1.25.1 12.8 MB, 1.30.0 14.2 MB; MIT, stated in package.json: the package has no LICENSE file),
+  # and Hugging Face's tokenizer.json reader
+  cp "$ort/dist/ort.wasm.bundle.min.mjs" "$ort/dist/ort-wasm-simd-threaded.wasm" "$ort/package.json" "$VENDOR_DIR/onnxruntime-web/"
+  cp "$tk/dist/tokenizers.min.mjs" "$tk/LICENSE" "$VENDOR_DIR/tokenizers/"
   rm -rf "$tmp"
   printf '%s\n' "${VENDOR_PINS[@]}" > "$VENDOR_DIR/PINS"
   python3 - "$VENDOR_DIR" <<'PY'
 import hashlib, sys
 from pathlib import Path
 d = Path(sys.argv[1])
-files = sorted(p.relative_to(d).as_posix() for sub in ("html-manager", "requirejs", "mathjax") for p in (d / sub).rglob("*") if p.is_file())
+files = sorted(p.relative_to(d).as_posix() for sub in ("html-manager", "requirejs", "mathjax", "onnxruntime-web", "tokenizers") for p in (d / sub).rglob("*") if p.is_file())
 (d / "SHA256SUMS").write_text("".join(f"{hashlib.sha256((d / f).read_bytes()).hexdigest()}  {f}\n" for f in files))
 PY
   vendor_ok
