@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sinkutils import data, measure, models, origin
+from sinkutils import claims, data, measure, models, origin
+from tests.departures import departs
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,12 @@ def test_sinkbook_tiny_has_an_identity_sink(tiny_origin):
     assert found.verdict == "identity"
     assert abs(found.mean("token 0, its layer-0 attention output zeroed") - found.mean("BOS at 0 (usual input)")) < 0.01
     assert found.mean("k, aggregation blocked at k") < 0.05
+
+
+def test_the_sink_is_structural(request, tiny_origin):
+    """The paper's chain needs a structural sink; sinkbook-tiny's is BOS's identity."""
+    model, ids, found = tiny_origin
+    departs(request, claims.sink_is_structural(model, ids, k=found.k, found=found))
 
 
 def test_verdicts_follow_the_stated_shares():
