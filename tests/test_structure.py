@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkutils import compat, metrics, structure, trace
-from tests.departures import departs
+from sinkutils import claims, compat, metrics, structure, trace
+from tests.departures import departs, holds
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "sinkutils" / "checkpoints" / "sinkbook-tiny" / "config.json"
 D_MODEL, HEAD_DIM = 64, 16
@@ -185,7 +185,9 @@ def test_planted_qk_locking_head_is_aligned_and_always_positive():
     assert qk.alignment.shape == qk.positivity.shape == qk.sink.shape == (2, 4)
     assert qk.alignment[0, 0] > 0.95 and qk.alignment[0, 0] == qk.alignment[0].max()
     assert qk.positivity[0, 0] == 1.0
-    assert -1 <= qk.correlation() <= 1
+    stats = pytest.importorskip("scipy.stats")  # the correlation over the heads of the chosen layers, by scipy
+    assert qk.correlation() == pytest.approx(stats.kendalltau(qk.alignment.flatten(), qk.positivity.flatten())[0])
+    assert qk.correlation(from_layer=1) == pytest.approx(stats.kendalltau(qk.alignment[1], qk.positivity[1])[0])
 
 
 def test_reference_values_are_found_by_short_name_and_hub_id():
@@ -208,30 +210,50 @@ def embedded():
     return model, ids, structure.residual_profile(model, ids, with_rank=False)
 
 
-def test_embedded_super_neurons_exist_and_fire_on_token_0_alone(embedded):
+# Chapter 4 (layer: the disparity layer) and chapter 5, one claim per test; criteria in sinkutils.claims.
+HOLD_4 = [claims.super_neurons_exist, claims.super_neuron_selective, claims.super_neuron_most_active,
+          claims.down_column_heavy_tailed]
+DEPART_4 = [claims.wo_aligned, claims.outlier_survives_wo]
+HOLD_5 = [claims.dominance_rises_early, claims.token0_dominance_stands_out]
+DEPART_5 = [claims.rmsnorm_locks_direction, claims.qk_locking]
+
+
+@pytest.mark.parametrize("claim", HOLD_4, ids=lambda f: f.__name__)
+def test_embedded_chapter_4_claim_holds(embedded, claim):
     model, ids, profile = embedded
-    layer = profile.disparity_layer
-    norms = structure.ffn_norms(model, layer)
-    assert norms.super_neurons, f"no super neuron in layer {layer} (largest robust z {norms.z.max():.1f})"
-    act = structure.neuron_activity(model, ids, {layer: norms.super_neurons[:1]})[layer]
-    s = act.summary(0)
-    assert act.selectivity()[0] > 10 and s["cos_first"] > s["cos_later"] + 0.3
+    holds(claim(model, ids, layer=profile.disparity_layer))
 
 
-def test_embedded_token_0_dominance_rises_sharply_in_an_early_layer(embedded):
-    model, _, profile = embedded
-    l = profile.disparity_layer
-    assert l < len(model.model.layers) // 2
-    assert profile.first_dominance[l + 1] > 3 * profile.first_dominance[l]
-    assert profile.first_dominance[l + 1] > 3 * profile.later_dominance[l + 1]
-
-
-@departs("across heads, |cos(sink key, W_Q principal direction)| does not correlate with the share of "
-         "positive logits toward token 0; chapter 5 prints the Kendall tau")
-def test_embedded_alignment_correlates_with_positivity_across_heads(embedded):
+def test_embedded_massive_dimensions_dominate(embedded):
     model, ids, profile = embedded
-    qk_layer = min(profile.disparity_layer + 1, len(model.model.layers) - 1)
-    assert structure.qk_locking(model, ids).correlation(from_layer=qk_layer) > 0
+    holds(claims.massive_dimensions_dominate(model, ids, profile=profile))
+
+
+@pytest.mark.parametrize("claim", DEPART_4, ids=lambda f: f.__name__)
+def test_embedded_chapter_4_claim_departs(request, embedded, claim):
+    """W_O is not aligned with token 0's profile in sinkbook-tiny's layer 0, and token 0 is no variance outlier
+    there (its BOS value is shrunk: chapter 2)."""
+    model, ids, profile = embedded
+    departs(request, claim(model, ids, layer=profile.disparity_layer))
+
+
+@pytest.mark.parametrize("claim", HOLD_5, ids=lambda f: f.__name__)
+def test_embedded_chapter_5_claim_holds(embedded, claim):
+    model, ids, profile = embedded
+    holds(claim(model, ids, profile=profile))
+
+
+@pytest.mark.parametrize("claim", DEPART_5, ids=lambda f: f.__name__)
+def test_embedded_chapter_5_claim_departs(request, embedded, claim):
+    """Without BOS token 0 carries no massive activation, so nothing locks its direction; and across heads the
+    sink key's alignment with W_Q does not predict positive logits."""
+    model, ids, profile = embedded
+    departs(request, claim(model, ids, profile=profile))
+
+
+def test_embedded_shallow_rank_collapse(request, embedded):
+    model, ids, _ = embedded
+    departs(request, claims.shallow_rank_collapse(model, ids))
 
 
 # ------------------------------------------------------------------------------------------- GPU profile
