@@ -493,7 +493,8 @@ def suppresses_sink(profiles: dict[str, comparison.VariantProfile], variant: str
 def headwise_keeps_dominance_low(profiles: dict[str, comparison.VariantProfile]) -> Claim:
     """Fig 14: with head-wise RMSNorm token 0's largest dominance ratio is below ``DOMINANCE_KEPT`` of the
     baseline's: no massive activation."""
-    hw, base = float(profiles["headwise_rmsnorm"].first_dominance.max()), float(profiles["baseline"].first_dominance.max())
+    hw = float(profiles["headwise_rmsnorm"].first_dominance.max())
+    base = float(profiles["baseline"].first_dominance.max())
     return Claim("headwise_keeps_dominance_low", 6, "Fig 14", "head-wise RMSNorm keeps token 0's dominance ratio low",
                  f"its largest below {DOMINANCE_KEPT:.2g} of the baseline's", {"headwise": hw, "baseline": base},
                  f"largest {hw:.1f} against the baseline's {base:.1f}", hw < DOMINANCE_KEPT * base)
@@ -534,7 +535,7 @@ def gate_removes_variance_discrepancy(profiles: dict[str, comparison.VariantProf
     b = float(profiles["baseline"].variance_first_to_rest()[layer])
     g = float(profiles["gated"].variance_first_to_rest()[layer])
     return Claim("gate_removes_variance_discrepancy", 6, "Fig 23", "gated attention removes the variance discrepancy",
-                 f"in layer {layer} the baseline's ratio above {OUTLIER:g} and the gated model's below {REMOVED:g} of it",
+                 f"in layer {layer} the baseline's ratio above {OUTLIER:g}, the gated model's below {REMOVED:g} of it",
                  {"layer": layer, "baseline": b, "gated": g},
                  f"layer {layer}: token 0 / later positions {g:.2f} against the baseline's {b:.2f}",
                  b > OUTLIER and g < REMOVED * b)
