@@ -148,11 +148,11 @@ vendor() {
   # the -full bundle has every TeX extension built in (no lazy loads); fonts are looked up next to it
   cp "$mj/es5/tex-chtml-full.js" "$mj/LICENSE" "$VENDOR_DIR/mathjax/"
   cp -r "$mj/es5/output/chtml/fonts/woff-v2" "$VENDOR_DIR/mathjax/output/chtml/fonts/"
-  # the "try it" page (book/try_it.md): ONNX Runtime Web's wasm-only ES module bundle and its plain SIMD wasm
+  # the "try it" page (book/try_it.md): ONNX Runtime Web's wasm-only ES module, its loader and its plain SIMD wasm
   # (11.2 MB; the jsep/webgpu build is 21.9 MB; 1.22.0 because every later release's wasm is larger: 1.23.2
   # 11.9 MB, 1.25.1 12.8 MB, 1.30.0 14.2 MB; MIT, stated in package.json: the package has no LICENSE file),
   # and Hugging Face's tokenizer.json reader
-  cp "$ort/dist/ort.wasm.bundle.min.mjs" "$ort/dist/ort-wasm-simd-threaded.wasm" "$ort/package.json" "$VENDOR_DIR/onnxruntime-web/"
+  cp "$ort/dist/ort.wasm.min.mjs" "$ort"/dist/ort-wasm-simd-threaded.{mjs,wasm} "$ort/package.json" "$VENDOR_DIR/onnxruntime-web/"
   cp "$tk/dist/tokenizers.min.mjs" "$tk/LICENSE" "$VENDOR_DIR/tokenizers/"
   rm -rf "$tmp"
   printf '%s\n' "${VENDOR_PINS[@]}" > "$VENDOR_DIR/PINS"

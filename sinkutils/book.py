@@ -252,7 +252,10 @@ def stage(root: Path = ROOT) -> Path:
 
 
 def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
-    """Jupyter Book v1 over the staged sources; warnings are errors so a broken page fails the build."""
+    """Jupyter Book v1 over the staged sources; warnings are errors so a broken page fails the build. The
+    embedded models are exported for the "try it" page first (``sinkutils.browser``, into ``_static/browser``)."""
+    from sinkutils import browser
+    browser.export_all(stage_dir / "book" / "static" / "browser")
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage_dir), "--path-output", str(root), "-W",
            "--keep-going", "--all"]
     subprocess.run(cmd, check=True)

@@ -133,7 +133,7 @@ def export(name: str, out_dir: Path) -> dict:
     return {"name": name, "file": path.name, "bytes": path.stat().st_size,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "variant": variants.variant_of(model),
             "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size,
-            "bos": cfg.bos_token_id, "max_tokens": MAX_TOKENS, "masked": MASKED}
+            "bos": cfg.bos_token_id}
 
 
 #: the page refuses longer inputs: the maps are (layers, heads, T, T) and the budget is stated at 128 tokens
@@ -151,7 +151,10 @@ def export_all(out_dir: Path, names: list[str] | None = None) -> Path:
     shutil.copy2(models.CHECKPOINTS / models.EMBEDDED[names[0]] / "tokenizer_config.json",
                  out_dir / "tokenizer_config.json")
     entries = [export(n, out_dir) for n in names]
-    (out_dir / "models.json").write_text(json.dumps({"models": entries, "opset": OPSET}, indent=1))
+    if len({e["bos"] for e in entries}) != 1:
+        raise ValueError("the embedded models do not share one BOS id")
+    shared = {"bos": entries[0]["bos"], "masked": MASKED, "max_tokens": MAX_TOKENS, "opset": OPSET}
+    (out_dir / "models.json").write_text(json.dumps({**shared, "models": entries}, indent=1))
     return out_dir
 
 
