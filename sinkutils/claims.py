@@ -96,6 +96,13 @@ class Claim:
         return self.line()
 
 
+def table(claims: list[Claim]) -> str:
+    """A markdown table of ``claims`` for a chapter: verdict, claim, this model's measurement, the paper's reference,
+    the criterion."""
+    rows = [f"| **{c.verdict}** | {c.statement} | {c.summary} | {c.reference or ''} | {c.criterion} |" for c in claims]
+    return "\n".join(["| verdict | claim | this model | paper | counts as agreement |", "|---|---|---|---|---|", *rows])
+
+
 def _values(t: torch.Tensor, digits: int = 2) -> list[float]:
     return [round(float(x), digits) for x in t]
 

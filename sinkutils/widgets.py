@@ -7,7 +7,6 @@ and in Jupyter the same widget behaves identically.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable
 
@@ -85,8 +84,3 @@ def _nest(render, names, axes, sliders, fixed: dict) -> W.Widget:
     stack = W.Stack(children, selected_index=sliders[name].index)
     W.jslink((sliders[name], "index"), (stack, "selected_index"))
     return stack
-
-
-def combinations(**axes: list) -> list[dict]:
-    """Every choice a ``switcher`` over ``axes`` renders (for tests and for precomputing data)."""
-    return [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
