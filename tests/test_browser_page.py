@@ -13,6 +13,7 @@ or taken from ``SINKBOOK_SITE=_build/html``. The browser helpers are tests/test_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,8 +25,7 @@ import pytest
 import torch
 import yaml
 
-from sinkutils import book, models, trace
-from sinkutils import interventions
+from sinkutils import book, interventions, models, trace
 from tests.test_site import CHROMIUM, LOCAL_SCHEMES, Page, needs_chromium
 from tests.test_site import browser, server  # noqa: F401  (fixtures)
 
@@ -62,22 +62,16 @@ def reference(name: str, text: str, bos: bool, k: int | None) -> tuple[list[int]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     ids = ([model.config.bos_token_id] if bos else []) + ids
     ids = torch.tensor([ids[:128]])
-    rows = []
-    block = interventions.block_aggregation(model, k) if k is not None else None
-    with torch.no_grad():
-        if block:
-            block.__enter__()
-        try:
-            with trace.record(model, "attn.sink", "resid") as rec0:
+    rows, sink_k = [], None
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if k is not None:
+            stack.enter_context(interventions.block_aggregation(model, k))
+        with trace.record(model, "attn.sink", "resid") as rec0:
+            model(input_ids=ids)
+        if k is not None:  # attention to key k: the mean over heads and the queries after k
+            with trace.record(model, "attn.sink", sink_index=k) as reck:
                 model(input_ids=ids)
-            sink_k = None
-            if k is not None:
-                with trace.record(model, "attn.sink", sink_index=k) as reck:
-                    model(input_ids=ids)
-                sink_k = reck["attn.sink"][:, 0, :, k + 1:].mean(dim=(1, 2))
-        finally:
-            if block:
-                block.__exit__(None, None, None)
+            sink_k = reck["attn.sink"][:, 0, :, k + 1:].mean(dim=(1, 2))
     to0 = rec0.sink_per_layer(MIN_QUERY)
     norms = rec0["resid"][:, 0].norm(dim=-1)  # (layers + 1, T)
     for l in range(model.config.num_hidden_layers):
