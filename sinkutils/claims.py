@@ -99,7 +99,12 @@ class Claim:
 def table(claims: list[Claim]) -> str:
     """A markdown table of ``claims`` for a chapter: verdict, claim, this model's measurement, the paper's reference,
     the criterion."""
-    rows = [f"| **{c.verdict}** | {c.statement} | {c.summary} | {c.reference or ''} | {c.criterion} |" for c in claims]
+
+    def cell(text: str | None) -> str:
+        return (text or "").replace("|", "\\|")
+
+    rows = [f"| **{c.verdict}** | {cell(c.statement)} | {cell(c.summary)} | {cell(c.reference)} | {cell(c.criterion)} |"
+            for c in claims]
     return "\n".join(["| verdict | claim | this model | paper | counts as agreement |", "|---|---|---|---|---|", *rows])
 
 

@@ -1,5 +1,6 @@
 """sinkutils.claims judges by its stated criteria (hand-built measurements on both sides of each threshold), and a
 departure test fails on anything but its own assertion (tests/departures.py, run in a pytester sandbox)."""
+import dataclasses
 import math
 import types
 
@@ -148,6 +149,8 @@ def test_a_claim_prints_one_line_and_a_table_row():
     claim = claims.Claim("k", 1, "Fig 1", "the sink exists", "at least 0.3", {"a": 0.2}, "0.20", False, "0.8")
     assert claim.line() == "DEPARTS | the sink exists: 0.20 (paper: 0.8)"
     assert claims.table([claim]).splitlines()[-1] == "| **DEPARTS** | the sink exists | 0.20 | 0.8 | at least 0.3 |"
+    bars = dataclasses.replace(claim, criterion="mean |x| above 1")  # a bar in a cell would split the row
+    assert claims.table([bars]).splitlines()[-1].endswith("| mean \\|x\\| above 1 |")
 
 
 DEPARTURES = '''
