@@ -62,7 +62,7 @@ def test_variance_draws_attention_needs_a_rise_and_a_control_under_half_of_it(co
 
 @pytest.mark.parametrize("mean_tau, holds", [(0.035, True), (0.030, False)])
 def test_wo_alignment_needs_three_standard_errors_of_kendalls_null(mean_tau, holds):
-    # 64 input dimensions: null sd sqrt(2(2*64+5) / (9*64*63)) = 0.0856; over 64 neurons the mean's is 0.0107, x3 = 0.032
+    # 64 input dimensions: null sd sqrt(2(2*64+5) / (9*64*63)) = 0.0856; the mean of 64 neurons' 0.0107, x3 = 0.032
     wo = structure.WOAlignment(layer=1, tau=torch.full((64,), mean_tau), tau_later=torch.zeros(64),
                                first_profile=torch.ones(64), later_profile=torch.ones(64),
                                variance_in=torch.ones(8), variance_out=torch.ones(8), min_query=4)
