@@ -551,3 +551,49 @@ def gate_removes_variance_discrepancy(profiles: dict[str, comparison.VariantProf
                  {"layer": layer, "baseline": b, "gated": g},
                  f"layer {layer}: token 0 / later positions {g:.2f} against the baseline's {b:.2f}",
                  b > OUTLIER and g < REMOVED * b)
+
+
+# --- every claim ------------------------------------------------------------------------------------------
+
+def of_model(model, ids: torch.Tensor, *, k: int = 10, batch_size: int = 8) -> list[Claim]:
+    """Every claim of chapters 1-6 that one model decides on ``ids`` (rows of BOS + text), in chapter order, each
+    measurement taken once with the chapters' defaults: a model's column of the scoreboard. The comparison claims
+    of chapter 6 (``of_variants``) need the trained variants instead."""
+    sink = measure.sink_profile(model, ids, batch_size=batch_size)
+    variance = measure.variance_profile(model, ids, layers=[sink.variance_layer], batch_size=batch_size)
+    resid = structure.residual_profile(model, ids, batch_size=batch_size)
+    layer = resid.disparity_layer
+    wo = structure.wo_alignment(model, ids, [layer], batch_size=batch_size)[layer]
+    neuron = _followed_neuron(model, layer, 8.0)
+    act = structure.neuron_activity(model, ids, {layer: [neuron]}, batch_size)[layer]
+    col = structure.down_column(model, layer, neuron)
+    return [sink_from_some_layer_on(model, ids, profile=sink), norm_spike_with_sink(model, ids, profile=sink),
+            variance_discrepancy(model, ids, layer=sink.variance_layer, batch_size=batch_size),
+            variance_decays(model, ids, layer=sink.variance_layer, profile=variance),
+            mask_moves_sink(model, ids, k=k, batch_size=batch_size),
+            variance_draws_attention(model, ids, k=k, batch_size=batch_size),
+            sink_is_structural(model, ids, k=k, batch_size=batch_size),
+            wo_aligned(model, ids, alignment=wo), outlier_survives_wo(model, ids, alignment=wo),
+            super_neurons_exist(model, layer=layer), super_neuron_selective(model, ids, activity=act),
+            super_neuron_most_active(model, ids, activity=act), down_column_heavy_tailed(model, column=col),
+            massive_dimensions_dominate(model, ids, column=col, profile=resid),
+            dominance_rises_early(model, ids, profile=resid), token0_dominance_stands_out(model, ids, profile=resid),
+            rmsnorm_locks_direction(model, ids, batch_size=batch_size, profile=resid),
+            qk_locking(model, ids, batch_size=batch_size, profile=resid),
+            shallow_rank_collapse(model, ids, profile=resid),
+            head_imbalance(model, ids, batch_size=batch_size)]
+
+
+def of_variants(profiles: dict[str, comparison.VariantProfile], *, layer: int = 1) -> list[Claim]:
+    """Chapter 6's comparison claims for the variants present in ``profiles`` (keyed as ``comparison.SHIPPED``);
+    ``layer``: the layer of Fig 23."""
+    if "baseline" not in profiles:
+        return []
+    out = [baseline_sinks(profiles)]
+    out += [suppresses_sink(profiles, v) for v in ("headwise_rmsnorm", "sigmoid", "gated") if v in profiles]
+    if "headwise_rmsnorm" in profiles:
+        out += [headwise_keeps_dominance_low(profiles), headwise_no_rank_collapse(profiles),
+                headwise_converges_faster(profiles)]
+    if "gated" in profiles:
+        out.append(gate_removes_variance_discrepancy(profiles, layer=layer))
+    return out

@@ -191,3 +191,13 @@ def test_a_departure_fails_on_a_crash_and_on_a_claim_that_holds(pytester):
     for line in ("*XFAIL*test_departs - made_up does not hold on this model: x measured 0.123*",
                  "*FAILED*test_crashes_before_the_claim*AttributeError*", "*FAILED*test_claim_holds_after_all*"):
         result.stdout.fnmatch_lines([line])
+
+
+def test_of_model_decides_every_model_claim_once_in_chapter_order():
+    from tests.test_structure import random_ids, tiny
+
+    model = tiny(n_layers=3)
+    found = claims.of_model(model, random_ids(n=4, length=24), batch_size=4)
+    assert [c.chapter for c in found] == sorted(c.chapter for c in found)
+    assert len({c.key for c in found}) == len(found) == 20
+    assert all(c.measured and c.summary for c in found if c.holds is not None)
