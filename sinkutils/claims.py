@@ -130,7 +130,7 @@ def sink_from_some_layer_on(model, ids: torch.Tensor, *, epsilon: float = SINK, 
                  f"layer 0 below {epsilon} and every layer from the sink layer on at or above it",
                  {"attention_to_first": _values(a, 3), "sink_layer": start},
                  f"the sink starts at layer {start}; mean attention to token 0 per layer {_values(a)}", holds,
-                 "Llama-2-7B sinks from about layer 2 to the last")
+                 "most heads from an early layer on, Llama-2-7B (Fig 3)")
 
 
 def norm_spike_with_sink(model, ids: torch.Tensor, *, epsilon: float = SINK, min_query: int = MIN_QUERY,
@@ -143,7 +143,7 @@ def norm_spike_with_sink(model, ids: torch.Tensor, *, epsilon: float = SINK, min
                  "the layer of the largest jump of token 0's input norm is the sink layer",
                  {"norm_spike_layer": spike, "sink_layer": start, "norm_ratio": ratio},
                  f"the norm jumps entering layer {spike} ({ratio:.1f}x the other tokens'), the sink starts at layer "
-                 f"{start}", spike == start, "the same layer in Llama-2-7B and Llama-3-8B")
+                 f"{start}", spike == start, "the same layer, Llama-2-7B (Fig 3) and Llama-3-8B (Fig 18)")
 
 
 # --- chapter 2: the variance discrepancy (Fig 1, 23) -------------------------------------------------------
@@ -462,7 +462,7 @@ def shallow_rank_collapse(model, ids: torch.Tensor, *, batch_size: int = 8,
                  f"the minimum over depths {depths[0]}..{depths[-1]} below {COLLAPSE:g} of the embeddings'",
                  {"depth": low, "rank": float(rank[low]), "embeddings": float(rank[0])},
                  f"{rank[low]:.1f} at depth {low} against {rank[0]:.1f} for the embeddings", bool(
-                     rank[low] < COLLAPSE * rank[0]), "Llama-2-7B and Llama-3-8B")
+                     rank[low] < COLLAPSE * rank[0]), "a shallow collapse in Llama-2-7B and Llama-3-8B (Fig 21)")
 
 
 # --- chapter 6: head-wise RMSNorm and the other variants (Fig 2, 13-16, 23) --------------------------------
