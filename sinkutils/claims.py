@@ -226,13 +226,13 @@ def variance_draws_attention(model, ids: torch.Tensor, *, k: int = 10, lambdas: 
 def sink_is_structural(model, ids: torch.Tensor, *, k: int = 10, batch_size: int = 8,
                        found: origin.SinkOrigin | None = None) -> Claim:
     """Chapter 3, "Whose sink is it?": the sink belongs to position 0, not to the BOS token
-    (``origin.sink_origin``'s verdict is "structural", by ``origin.STRUCTURAL_SHARE``)."""
+    (``origin.sink_origin``'s verdict is "structural", by ``origin.STRUCTURAL_SHARE``); n/a without a sink."""
     f = found if found is not None else origin.sink_origin(model, ids, k, batch_size=batch_size, progress=False)
     return Claim("sink_is_structural", 3, "the causal chain", "the sink is structural: it stays on token 0 whatever "
                  "token stands there", f"without BOS token 0 keeps at least {origin.STRUCTURAL_SHARE:.0%} of its sink",
                  {"verdict": f.verdict, "structural_share": f.structural_share, "identity_share": f.identity_share},
                  f"{f.verdict} sink: without BOS token 0 keeps {f.structural_share:.0%}, BOS moved to {f.k} takes "
-                 f"{f.identity_share:.0%} along", f.verdict == "structural",
+                 f"{f.identity_share:.0%} along", None if f.verdict == "none" else f.verdict == "structural",
                  "pretrained LLMs keep the sink on any first token (Xiao et al. 2023; Gu et al. 2024)")
 
 
