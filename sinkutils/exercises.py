@@ -536,8 +536,8 @@ def _amplify_cases() -> dict[str, tuple]:
 
 
 @_exercise("03_interventions", _amplify_cases)
-def amplify_variance(p: _Probe) -> None:
-    """amplify_variance(o, lam): the variance amplification of Fig 6 on attention outputs (..., head_dim):
+def amplified(p: _Probe) -> None:
+    """amplified(o, lam): the variance amplification of Fig 6 on attention outputs (..., head_dim):
     each vector's deviation from its own mean (over head_dim) grows by lam, so its dimension-wise variance
     grows by lam**2 while its mean stays."""
     for case, (o, lam) in p.cases.items():
@@ -567,8 +567,8 @@ def _norm_cases() -> dict[str, tuple]:
 
 
 @_exercise("03_interventions", _norm_cases)
-def scale_norm(p: _Probe) -> None:
-    """scale_norm(o, lam): the control of Fig 6, lam >= 1: each vector (..., head_dim) gets lam times its
+def norm_scaled(p: _Probe) -> None:
+    """norm_scaled(o, lam): the control of Fig 6, lam >= 1: each vector (..., head_dim) gets lam times its
     norm and the same dimension-wise variance, by adding one constant to all its coordinates (the mean
     moves, away from zero on its own side)."""
     for case, (o, lam) in p.cases.items():
@@ -954,8 +954,8 @@ check_sink_rate = _checker("sink_rate")
 check_dimension_variance = _checker("dimension_variance")
 check_predicted_variance = _checker("predicted_variance")
 check_mask_intervention = _checker("mask_intervention")
-check_amplify_variance = _checker("amplify_variance")
-check_scale_norm = _checker("scale_norm")
+check_amplified = _checker("amplified")
+check_norm_scaled = _checker("norm_scaled")
 check_kendall_tau = _checker("kendall_tau")
 check_super_neurons = _checker("super_neurons")
 check_dominance_ratio = _checker("dominance_ratio")

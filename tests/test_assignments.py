@@ -35,8 +35,8 @@ REFERENCES = {
     "dimension_variance": metrics.dimension_variance,
     "predicted_variance": lambda p, v: measure.aggregation_prediction(p, v)[0],
     "mask_intervention": lambda m, k: interventions.block_row(m, k, m.shape[-2], m.shape[-1], m.device),
-    "amplify_variance": interventions.amplified,
-    "scale_norm": interventions.norm_scaled,
+    "amplified": interventions.amplified,
+    "norm_scaled": interventions.norm_scaled,
     "kendall_tau": metrics.kendall_tau,
     "super_neurons": lambda g, u, z: structure.ffn_norms_of(g, u, z_threshold=z).super_neurons,
     "dominance_ratio": metrics.dominance_ratio,
@@ -109,7 +109,7 @@ WRONG["mask_intervention"] = {"you edited column": _column, "sees no key at all"
                               "attend to itself (key": _zero, "changed its input tensor in place": _inplace,
                               "rows other than": _scratch, "return a bool mask": _float}
 mean = lambda o, d=-1: o.mean(dim=d, keepdim=True)
-WRONG["amplify_variance"] = {
+WRONG["amplified"] = {
     "lam * o scales the mean too": lambda o, lam: lam * o,
     "you multiplied them by lam**2": lambda o, lam: mean(o) + lam ** 2 * (o - mean(o)),
     "add the mean back": lambda o, lam: lam * (o - mean(o)),
@@ -122,7 +122,7 @@ def _positive_mean(o, lam):
     return o + (torch.sqrt(m ** 2 + (lam ** 2 - 1) * sq) - m)
 
 
-WRONG["scale_norm"] = {
+WRONG["norm_scaled"] = {
     "lam * o scales the deviations too": lambda o, lam: lam * o,
     "the norm must become lam * |o|": lambda o, lam: o + (lam - 1) * mean(o),
     "keep the mean on its own side": _positive_mean,
@@ -293,7 +293,7 @@ def test_outputs_survive_the_trip_from_kernel_to_grader(tmp_path):
 
 
 def test_a_submission_that_mutates_its_input_is_told_so():
-    result = exercises.run("amplify_variance", lambda o, lam: o.sub_(o.mean(-1, keepdim=True)).mul_(lam)
+    result = exercises.run("amplified", lambda o, lam: o.sub_(o.mean(-1, keepdim=True)).mul_(lam)
                            .add_(o.mean(-1, keepdim=True)))
     assert not result.passed and "changed its input tensor in place" in result.message
 
