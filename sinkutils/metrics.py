@@ -134,12 +134,6 @@ def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
     return ((gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))).float()
 
 
-def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of attention distributions along the last dimension (Fig 13)."""
-    w = weights.float()
-    return -(w * w.clamp_min(1e-45).log()).sum(-1)
-
-
 def positivity_ratio(scores: torch.Tensor) -> torch.Tensor:
     """Fraction of queries whose attention logit toward the sink is positive (Fig 12), along the last dim."""
     return (scores > 0).float().mean(-1)
