@@ -251,11 +251,14 @@ def stage(root: Path = ROOT) -> Path:
     return stage_dir
 
 
-def build_html(stage_dir: Path, root: Path = ROOT) -> Path:
+def build_html(stage_dir: Path, root: Path = ROOT, board: dict | None = None) -> Path:
     """Jupyter Book v1 over the staged sources; warnings are errors so a broken page fails the build. The
-    embedded models are exported for the "try it" page first (``sinkutils.browser``, into ``_static/browser``)."""
-    from sinkutils import browser
+    embedded models are exported for the "try it" page first (``sinkutils.browser``, into ``_static/browser``),
+    and the scoreboard pages are written from ``board`` (``scoreboard.measure``; default: the embedded models)."""
+    from sinkutils import browser, scoreboard
     browser.export_all(stage_dir / "book" / "static" / "browser")
+    board = board if board is not None else scoreboard.measure(scoreboard.columns())
+    scoreboard.write(board, stage_dir / "book", stage_dir / "chapters")
     cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(stage_dir), "--path-output", str(root), "-W",
            "--keep-going", "--all"]
     subprocess.run(cmd, check=True)
@@ -318,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tqdm.write(f"{key}: {timings[key]:.1f} s")
     if not args.no_html:
         start = time.time()
-        print(f"site: {build_html(stage_dir)}")
+        from sinkutils import scoreboard
+        board = scoreboard.measure(scoreboard.columns(args.profile, overrides))
+        print(f"site: {build_html(stage_dir, board=board)}")
         timings["html build"] = time.time() - start
     timings["total"] = sum(timings.values())
     print("\n".join(f"{k:24s} {v:7.1f} s" for k, v in timings.items()))

@@ -179,3 +179,28 @@ def bar_panels(panels: dict[str, torch.Tensor], xlabels: list[str], title: str =
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLORS = {"agrees": "#27ae60", "DEPARTS": "#c0392b", "partly": "#e67e22", "n/a": "#95a5a6"}
+
+
+def causal_chain(links: list[tuple[str, str, str, list]], title: str = "") -> plt.Figure:
+    """The paper's causal chain as a row of boxes joined by arrows, each arrow coloured by its verdict
+    (``VERDICT_COLORS``) and labelled with the claims that test it (``scoreboard.chain_verdicts``)."""
+    n = len(links) + 1
+    fig, ax = _fig(figsize=(1.7 * n, 2.3))
+    ax.set(xlim=(-0.6, n - 0.4), ylim=(-1.0, 0.55), title=title)
+    ax.axis("off")
+    nodes = [links[0][0]] + [b for _, b, _, _ in links]
+    for i, text in enumerate(nodes):
+        ax.text(i, 0, text, ha="center", va="center", fontsize=8.5,
+                bbox={"boxstyle": "round,pad=0.35", "fc": "white", "ec": COLORS["norm"], "lw": 1})
+    for i, (_, _, verdict, cs) in enumerate(links):
+        color = VERDICT_COLORS[verdict]
+        ax.annotate("", (i + 0.62, 0), (i + 0.38, 0), arrowprops={"arrowstyle": "-|>", "color": color, "lw": 3})
+        ax.text(i + 0.5, 0.3, verdict, ha="center", fontsize=8, color=color, weight="bold")
+        ax.text(i + 0.5, -0.42, "\n".join(c.key.replace("_", " ") + (" ✓" if c.holds else " ✗" if c.holds is False
+                                                                      else " –") for c in cs),
+                ha="center", va="top", fontsize=6, color=COLORS["norm"])
+    fig.tight_layout()
+    return fig

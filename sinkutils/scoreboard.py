@@ -1,0 +1,221 @@
+"""The reproduction scoreboard: every claim of the paper (``claims.of_model``, ``claims.of_variants``) against each
+measured model, generated when the site is built (``book.build_html``), never typed by hand.
+
+``measure`` takes the claims; ``write`` turns them into ``book/scoreboard.md`` (a row per claim, a column per model:
+verdict and measurement, the paper's reference, a link to the chapter section that measures it) and
+``book/scoreboard_figure.md`` and ``book/scoreboard_summary.md`` (the causal-chain figure, ``scoreboard_chain.png``,
+and a compact table: the landing page includes both).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from sinkutils import claims, comparison, data, models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the causal chain of the paper, each link with the claims that test it (``Claim.key``)
+CHAIN = [("token 0 does not\naggregate", "variance", ["variance_discrepancy", "variance_decays"]),
+         ("variance", "super\nneurons", ["wo_aligned", "outlier_survives_wo", "super_neuron_selective"]),
+         ("super\nneurons", "massive\ndimensions", ["down_column_heavy_tailed", "massive_dimensions_dominate"]),
+         ("massive\ndimensions", "RMSNorm\ndirection", ["rmsnorm_locks_direction"]),
+         ("RMSNorm\ndirection", "QK\nlocking", ["qk_locking"]),
+         ("QK\nlocking", "sink", ["sink_from_some_layer_on", "norm_spike_with_sink"])]
+
+#: where a claim is measured when no heading names its figure: a word of the heading of its section
+SECTION = {"sink_from_some_layer_on": "Attention to token 0", "norm_spike_with_sink": "Attention to token 0",
+           "variance_discrepancy": "What averaging predicts", "variance_decays": "What averaging predicts",
+           "mask_moves_sink": "Block aggregation", "variance_draws_attention": "Amplifying the variance",
+           "sink_is_structural": "Whose sink", "rmsnorm_locks_direction": "RMSNorm as a directional filter"}
+
+
+@dataclasses.dataclass
+class Settings:
+    """The text a model's claims are measured on (the cpu profile's defaults)."""
+
+    text_source: str = "python_docs"
+    n_texts: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    batch_size: int = 8
+
+
+def measure(columns: dict[str, Settings], variants: Settings | None = Settings()) -> dict:
+    """``{"models": {name: [Claim, ...]}, "variants": [Claim, ...]}``: ``claims.of_model`` for each model of
+    ``columns`` on its settings, and ``claims.of_variants`` on the embedded variants (``comparison.SHIPPED``) on
+    ``variants`` (none when None)."""
+    out = {"models": {}, "variants": []}
+    for name, s in columns.items():
+        model, tokenizer = models.load(name)
+        ids = data.token_batch(tokenizer, data.texts(s.text_source)[1], n=s.n_texts, length=s.seq_len, seed=s.seed)
+        out["models"][name] = claims.of_model(model, ids, batch_size=s.batch_size)
+        del model
+    if variants is not None:
+        paragraphs = data.texts(variants.text_source)[1]
+        profiles = {v: comparison.variant_profile(n, paragraphs, n=variants.n_texts, length=variants.seq_len,
+                                                  seed=variants.seed, batch_size=variants.batch_size)
+                    for v, n in comparison.SHIPPED.items()}
+        out["variants"] = claims.of_variants(profiles)
+    return out
+
+
+def columns(profile: str = "cpu", overrides: dict | None = None, root: Path = ROOT) -> dict[str, Settings]:
+    """The scoreboard's columns for a build under ``profile``: the embedded default model (on the cpu profile's
+    text), then every model the profile ran."""
+    return {models.DEFAULT: Settings()} | {n: s for n, s in profile_columns(profile, overrides, root).items()
+                                           if n != models.DEFAULT}
+
+
+def profile_columns(profile: str, overrides: dict | None = None, root: Path = ROOT) -> dict[str, Settings]:
+    """The models a profile runs (every chapter's ``model_name`` and ``compare_models``), each with the profile's
+    text settings (the smallest ``n_texts`` and ``batch_size`` of its chapters): the scoreboard's columns beyond
+    the embedded default model."""
+    from sinkutils import book
+
+    params = [book.parameters(profile, ch, root) | (overrides or {}) for ch in book.chapters(root)]
+    names = dict.fromkeys(n for p in params for n in [p.get("model_name"), *(p.get("compare_models") or [])] if n)
+    first = params[0]
+    s = Settings(text_source=first.get("text_source", Settings.text_source),
+                 n_texts=min(p.get("n_texts", Settings.n_texts) for p in params), seq_len=first.get("seq_len", 128),
+                 seed=first.get("seed", 0), batch_size=min(p.get("batch_size", 8) for p in params))
+    return {name: s for name in names}
+
+
+# --- links to the chapter sections ----------------------------------------------------------------------------
+
+def headings(notebook: Path) -> list[str]:
+    """The markdown headings (without #) of a notebook, in order."""
+    nb = json.loads(notebook.read_text())
+    return [line.lstrip("#").strip() for cell in nb["cells"] if cell["cell_type"] == "markdown"
+            for line in "".join(cell["source"]).splitlines() if line.startswith("#")]
+
+
+def anchor(heading: str) -> str:
+    """The id Sphinx gives a section titled ``heading`` (markdown: math and code marks dropped)."""
+    from docutils.nodes import make_id
+
+    return make_id(re.sub(r"[$`*]", "", heading))
+
+
+def section(claim: claims.Claim, chapters_dir: Path) -> tuple[str, str]:
+    """(chapter page, anchor) of the section that measures ``claim``: the heading named in ``SECTION``, else the
+    first heading naming one of its figures, else the chapter's verdict section, else the chapter's top."""
+    page = next(chapters_dir.glob(f"{claim.chapter:02d}_*.ipynb"), None)
+    if page is None:
+        return "", ""
+    found = headings(page)
+    figures = re.findall(r"\d+", claim.figure) if claim.figure.startswith("Fig") else []
+    for test in (lambda h: claim.key in SECTION and h.startswith(SECTION[claim.key]),
+                 lambda h: any(re.search(rf"\bFig {f}\b", h) for f in figures),
+                 lambda h: h.startswith("What this")):
+        hit = next((h for h in found[1:] if test(h)), None)
+        if hit:
+            return page.stem, anchor(hit)
+    return page.stem, ""
+
+
+# --- the pages ------------------------------------------------------------------------------------------------
+
+def _cell(text: str | None) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
+def _link(claim: claims.Claim, chapters_dir: Path) -> str:
+    page, hash_ = section(claim, chapters_dir)
+    text = _cell(claim.statement)
+    if not page:
+        return text
+    return f'<a href="../chapters/{page}.html{"#" + hash_ if hash_ else ""}">{text}</a>'
+
+
+def _rows(result: dict) -> list[tuple[claims.Claim, dict[str, claims.Claim]]]:
+    """One row per claim key, in chapter order: (the claim on the first model that has it, {column: claim})."""
+    rows: dict[str, tuple[claims.Claim, dict]] = {}
+    for name, cs in result["models"].items():
+        for c in cs:
+            rows.setdefault(c.key, (c, {}))[1][name] = c
+    for c in result["variants"]:
+        rows.setdefault(c.key, (c, {}))[1]["variants"] = c
+    return sorted(rows.values(), key=lambda r: r[0].chapter)
+
+
+def _columns(result: dict) -> list[str]:
+    return list(result["models"]) + (["variants"] if result["variants"] else [])
+
+
+def _title(column: str) -> str:
+    return "the four embedded variants (chapter 6)" if column == "variants" else Path(column).name
+
+
+def table(result: dict, chapters_dir: Path, compact: bool = False) -> str:
+    """The scoreboard as a markdown table; ``compact``: verdicts only, no reference."""
+    cols = _columns(result)
+    head = ["chapter", "claim (paper's figure)", *map(_title, cols)] + ([] if compact else ["paper"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for first, by in _rows(result):
+        cells = []
+        for col in cols:
+            c = by.get(col)
+            cells.append("" if c is None else f"**{c.verdict}**" if compact else
+                         f"**{c.verdict}**: {_cell(c.summary)}")
+        row = [str(first.chapter), f"{_link(first, chapters_dir)} ({_cell(first.figure)})", *cells]
+        lines.append("| " + " | ".join(row + ([] if compact else [_cell(first.reference) or "-"])) + " |")
+    return "\n".join(lines)
+
+
+def chain_verdicts(result: dict, model: str = models.DEFAULT) -> list[tuple[str, str, str, list[claims.Claim]]]:
+    """Each link of ``CHAIN`` with its verdict on ``model``: "agrees" when every claim of the link holds, "DEPARTS"
+    when none does, "partly" when some do, "n/a" when none can be tested."""
+    by_key = {c.key: c for c in result["models"][model]}
+    out = []
+    for a, b, keys in CHAIN:
+        cs = [by_key[k] for k in keys if k in by_key]
+        tested = [c.holds for c in cs if c.holds is not None]
+        verdict = ("n/a" if not tested else "agrees" if all(tested) else "DEPARTS" if not any(tested) else "partly")
+        out.append((a, b, verdict, cs))
+    return out
+
+
+def counts(result: dict, column: str) -> dict[str, int]:
+    """How many claims agree, depart and cannot be tested in ``column``."""
+    cs = result["variants"] if column == "variants" else result["models"][column]
+    return {v: sum(c.verdict == v for c in cs) for v in ("agrees", "DEPARTS", "n/a")}
+
+
+def _tally(result: dict) -> str:
+    return "; ".join(f"{_title(col)}: " + ", ".join(f"{n} {v}" for v, n in counts(result, col).items())
+                     for col in _columns(result))
+
+
+def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.DEFAULT) -> list[Path]:
+    """``scoreboard.md``, ``scoreboard_summary.md``, ``scoreboard_figure.md`` and the chain figure
+    ``scoreboard_chain.png`` in ``book_dir``; the links point at ``chapters_dir``'s headings."""
+    from sinkutils import plots
+
+    fig = plots.causal_chain(chain_verdicts(result, model), title=f"the paper's causal chain on {Path(model).name}")
+    png = book_dir / "scoreboard_chain.png"
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    caption = (f"The paper's causal chain, each link coloured by its verdict on `{Path(model).name}` (green: the "
+               "claims that test it agree, red: they depart, amber: some do, grey: not testable here), with the "
+               "claims under it. Read it left to right: where the colour turns red is where this model's sink "
+               "stops following the paper's mechanism.")
+    figure = "\n".join(["```{figure} scoreboard_chain.png", ":name: fig-scoreboard-chain",
+                        ":alt: the causal chain coloured by verdict", "", caption, "```", ""])
+    summary = "\n".join([
+        f"Every claim, measured when this site was built ({_tally(result)}); the numbers and the paper's references "
+        "are on the [scoreboard](scoreboard.md).", "", table(result, chapters_dir, compact=True), ""])
+    page = "\n".join([
+        "# Reproduction scoreboard", "",
+        "A row per claim of the paper, a column per model measured when this site was built: each cell is the "
+        "verdict and this model's measurement, the last column the paper's reference where it has one. The claims, "
+        "their criteria and the numbers come from `sinkutils.claims` (the functions the chapters print and the "
+        "tests assert), run here by `sinkutils.scoreboard`; each claim links to the chapter section that measures "
+        f"it. In all: {_tally(result)}.", "",
+        table(result, chapters_dir), ""])
+    paths = [book_dir / "scoreboard.md", book_dir / "scoreboard_summary.md", book_dir / "scoreboard_figure.md"]
+    for path, text in zip(paths, (page, summary, figure)):
+        path.write_text(text)
+    return [*paths, png]
