@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sinkutils import book
+from sinkutils import book, models, scoreboard
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "
@@ -54,6 +54,11 @@ CONSOLE_ALLOW: list[tuple[str, str]] = [
      "Chromium asks every site for /favicon.ico; the book sets no favicon."),
 ]
 LOCAL_SCHEMES = ("data:", "blob:", "about:")
+#: Page weight: what a chapter page loads on a first visit (cache off), in MB. The shared part (theme, require.js,
+#: the widget manager with its fonts, MathJax with its fonts) is the same on every page; the page's own HTML carries
+#: its figures and its widgets' pre-rendered outputs. Budget: each page at most PAGE_BUDGET_MB in all, of which its
+#: own HTML at most HTML_BUDGET_MB (figures as 256-colour PNGs, plots.png: chapter 2, the heaviest, 4.7 -> 1.9 MB).
+PAGE_BUDGET_MB, HTML_BUDGET_MB = 10.5, 2.5
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -95,7 +100,9 @@ def build_site(root: Path, chapters: list[str]) -> Path:
     stage_dir = book.stage(root)
     for chapter in chapters:
         book.execute(chapter, "site", stage_dir / "chapters", root=root, timeout=300)
-    return book.build_html(stage_dir, root=root)
+    # the scoreboard on fewer sequences than the cpu profile's 32: the same pages, seconds faster
+    small = scoreboard.Settings(n_texts=8)
+    return book.build_html(stage_dir, root=root, board=scoreboard.measure({models.DEFAULT: small}, variants=small))
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +215,7 @@ class Page:
         self.session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
+        self.call("Network.setCacheDisabled", cacheDisabled=True)  # every page weighed as on a first visit
         self.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, **params) -> dict:
@@ -246,6 +254,12 @@ class Page:
 
     def requests(self) -> list[str]:
         return [p["request"]["url"] for p in self._events("Network.requestWillBeSent")]
+
+    def loaded(self) -> dict[str, int]:
+        """Bytes received per URL so far (``Network.loadingFinished``'s encodedDataLength)."""
+        urls = {p["requestId"]: p["request"]["url"] for p in self._events("Network.requestWillBeSent")}
+        return {urls.get(p["requestId"], p["requestId"]): p["encodedDataLength"]
+                for p in self._events("Network.loadingFinished")}
 
     def errors(self) -> list[str]:
         found = []
@@ -413,11 +427,53 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
             remote = [u for u in page.requests() if not u.startswith((server, *LOCAL_SCHEMES))]
             assert not remote, f"{name}: requests left the local server: {remote}"
             assert not page.errors(), f"{name}: console errors: {page.errors()}"
+            # page weight, against the budget stated at the top
+            loaded = page.loaded()
+            total, own = sum(loaded.values()) / 1e6, loaded.get(server + rel, 0) / 1e6
             report[name] = {"figures": len([i for i in images if not i["widget"]]), "math": math["math"],
-                            "widgets": len(widgets), "requests": len(page.requests())}
+                            "widgets": len(widgets), "requests": len(page.requests()), "loaded_mb": round(total, 2),
+                            "html_mb": round(own, 2)}
+            assert own > 0, f"{name}: the page's own HTML was not weighed"
+            assert own <= HTML_BUDGET_MB, f"{name}: its HTML is {own:.2f} MB, over the budget of {HTML_BUDGET_MB} MB"
+            assert total <= PAGE_BUDGET_MB, f"{name}: loads {total:.2f} MB, over the budget of {PAGE_BUDGET_MB} MB"
         finally:
             page.close()
     (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=1))
+
+
+VERDICT_CELLS = r"<strong>(agrees|DEPARTS|n/a)</strong>"
+
+
+def test_scoreboard_page_renders_every_claim(site):
+    page = (site / "book" / "scoreboard.html").read_text(encoding="utf-8")
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", page, re.S)[1:]
+    assert len(rows) >= 20, f"the scoreboard has {len(rows)} rows"  # chapters 1-6: every claim of_model decides
+    for row in rows:
+        assert re.search(VERDICT_CELLS, row), f"a scoreboard row without a verdict: {row[:200]}"
+    for link in set(re.findall(r'href="(\.\./chapters/[^"#]+)#([^"]+)"', page)):  # built chapters: the anchor exists
+        target = (site / "book" / link[0]).resolve()
+        if target.exists():
+            assert f'id="{link[1]}"' in target.read_text(encoding="utf-8"), f"no section #{link[1]} in {link[0]}"
+
+
+@needs_chromium
+def test_landing_page_shows_chain_figure_and_scoreboard(site, server, browser):
+    page = Page(browser)
+    try:
+        page.open(server + "book/intro.html")
+        page.wait_for("[...document.querySelectorAll('article img')].every(i => i.complete)", 30, "images")
+        chain = page.evaluate("[...document.querySelectorAll('article figure img')].map(i => "
+                              "({src: i.src, width: i.naturalWidth, top: i.getBoundingClientRect().top}))")
+        assert chain and "scoreboard_chain" in chain[0]["src"] and chain[0]["width"] > 0, chain
+        assert chain[0]["top"] < 900, "the chain figure does not head the landing page"
+        caption = page.evaluate("document.querySelector('article figure figcaption').textContent")
+        assert "coloured by its verdict" in caption
+        verdicts = page.evaluate("[...document.querySelectorAll('article table strong')].map(e => e.textContent)")
+        assert len(verdicts) >= 20 and set(verdicts) <= {"agrees", "DEPARTS", "n/a"}
+        assert not page.errors(), page.errors()
+        page.screenshot(ARTIFACTS / "intro.png")
+    finally:
+        page.close()
 
 
 def move_first_slider(page: Page, i: int):
