@@ -219,6 +219,7 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
                                            kernel_name="python3", cwd=str(root), progress_bar=False,
                                            execution_timeout=timeout, request_save_on_cell_execute=False,
                                            engine_name=_engine(), stall_timeout=stall_timeout)
+                tidy(out_dir / f"{chapter}.ipynb", params, declared)
                 break
             except CellTrouble as err:
                 where = f"{folder[:-1]} {chapter}: cell {err.index} (starting {err.first_line!r}) {err.what}"
@@ -236,6 +237,32 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
         else:
             os.environ["TQDM_DISABLE"] = previous
     return time.time() - start
+
+
+def tidy(notebook: Path, params: dict, declared: dict) -> None:
+    """Presentation tags on an executed copy (the committed sources stay as they are): the Colab set-up cell is
+    collapsed (``hide-input``), and papermill's injected-parameters cell is removed from the page when it sets
+    every parameter to the default the ``parameters`` cell already shows (the parameters appear once); when the
+    profile changes one, both stay, so the page shows what ran."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(notebook, as_version=4)
+
+    def default(name):
+        try:
+            return ast.literal_eval(declared[name]["default"])
+        except (KeyError, ValueError, SyntaxError):
+            return object()  # not a literal: counts as changed
+
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if cell.cell_type == "code" and cell.source.startswith("# Set-up:") and "hide-input" not in tags:
+            tags.append("hide-input")
+        if "injected-parameters" in tags and all(default(k) == v for k, v in params.items()):
+            tags.append("remove-cell")
+    nbformat.write(nb, notebook)
 
 
 def stage(root: Path = ROOT) -> Path:
