@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from sinkutils import book, interventions, models, trace
+from sinkutils import book, interventions, models, scoreboard, trace
 from tests.test_site import CHROMIUM, LOCAL_SCHEMES, Page, needs_chromium
 from tests.test_site import browser, server  # noqa: F401  (fixtures)
 
@@ -53,7 +53,8 @@ def site(tmp_path_factory) -> Path:
         part["chapters"] = [c for c in part["chapters"] if c["file"].startswith("book/")]
     toc["parts"] = [p for p in toc["parts"] if p["chapters"]]
     (root / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
-    return book.build_html(book.stage(root), root=root)
+    board = scoreboard.measure({models.DEFAULT: scoreboard.Settings(n_texts=4)}, variants=None)  # fast
+    return book.build_html(book.stage(root), root=root, board=board)
 
 
 def reference(name: str, text: str, bos: bool, k: int | None) -> tuple[list[int], list[dict]]:

@@ -258,8 +258,11 @@ class Page:
     def loaded(self) -> dict[str, int]:
         """Bytes received per URL so far (``Network.loadingFinished``'s encodedDataLength)."""
         urls = {p["requestId"]: p["request"]["url"] for p in self._events("Network.requestWillBeSent")}
-        return {urls.get(p["requestId"], p["requestId"]): p["encodedDataLength"]
-                for p in self._events("Network.loadingFinished")}
+        out: dict[str, int] = {}
+        for p in self._events("Network.loadingFinished"):
+            url = urls.get(p["requestId"], p["requestId"])
+            out[url] = max(out.get(url, 0), p["encodedDataLength"])
+        return out
 
     def errors(self) -> list[str]:
         found = []
@@ -326,6 +329,20 @@ JS_WIDGET_STATE = """(i => {
           images: visible.map(img => img.src.length + ':' + img.src.slice(-48)),
           rect: {x: r.left + scrollX, y: r.top + scrollY, width: r.width, height: r.height}};
 })""" % WIDGET_VIEW
+
+
+# sideways scrolling: how far the page is wider than the window, and the elements of the article that scroll
+# sideways inside themselves (code, output, tables)
+JS_OVERFLOW = """(() => {
+  const inner = [...document.querySelectorAll('article *')].filter(e => {
+    const o = getComputedStyle(e).overflowX;
+    return (o === 'auto' || o === 'scroll') && e.scrollWidth > e.clientWidth + 1;
+  });
+  return {page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+          scrolling: inner.length, examples: inner.slice(0, 3).map(e => e.tagName + '.' + e.className)};
+})()"""
+#: the widths a reader reads at: a laptop and a phone
+WIDTHS = {"desktop": 1280, "phone": 390}
 
 
 class _Refs(HTMLParser):
@@ -427,12 +444,25 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
             remote = [u for u in page.requests() if not u.startswith((server, *LOCAL_SCHEMES))]
             assert not remote, f"{name}: requests left the local server: {remote}"
             assert not page.errors(), f"{name}: console errors: {page.errors()}"
+            loaded = page.loaded()  # weighed before the width changes below (which may fetch more)
+            # no sideways scrolling at 1280 px (asserted) and at a phone's 390 px (measured, with a screenshot)
+            overflow = {"desktop": page.evaluate(JS_OVERFLOW)}
+            page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["phone"], height=844, deviceScaleFactor=1,
+                      mobile=True)
+            time.sleep(0.5)
+            overflow["phone"] = page.evaluate(JS_OVERFLOW)
+            size = page.call("Page.getLayoutMetrics")["cssContentSize"]
+            page.screenshot(ARTIFACTS / f"{name}-390.png", {"x": 0, "y": 0, "width": WIDTHS["phone"],
+                                                            "height": min(size["height"], 12000)})
+            page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["desktop"], height=900, deviceScaleFactor=1,
+                      mobile=False)
+            assert overflow["desktop"]["page"] <= 0 and not overflow["desktop"]["scrolling"], \
+                f"{name}: scrolls sideways at 1280 px: {overflow['desktop']}"
             # page weight, against the budget stated at the top
-            loaded = page.loaded()
             total, own = sum(loaded.values()) / 1e6, loaded.get(server + rel, 0) / 1e6
             report[name] = {"figures": len([i for i in images if not i["widget"]]), "math": math["math"],
                             "widgets": len(widgets), "requests": len(page.requests()), "loaded_mb": round(total, 2),
-                            "html_mb": round(own, 2)}
+                            "html_mb": round(own, 2), "sideways": overflow}
             assert own > 0, f"{name}: the page's own HTML was not weighed"
             assert own <= HTML_BUDGET_MB, f"{name}: its HTML is {own:.2f} MB, over the budget of {HTML_BUDGET_MB} MB"
             assert total <= PAGE_BUDGET_MB, f"{name}: loads {total:.2f} MB, over the budget of {PAGE_BUDGET_MB} MB"
