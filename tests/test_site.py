@@ -58,7 +58,7 @@ LOCAL_SCHEMES = ("data:", "blob:", "about:")
 #: the widget manager with its fonts, MathJax with its fonts) is the same on every page; the page's own HTML carries
 #: its figures and its widgets' pre-rendered outputs. Budget: each page at most PAGE_BUDGET_MB in all, of which its
 #: own HTML at most HTML_BUDGET_MB (figures as 256-colour PNGs, plots.png: chapter 2, the heaviest, 4.7 -> 1.9 MB).
-PAGE_BUDGET_MB, HTML_BUDGET_MB = 10.5, 2.5
+PAGE_BUDGET_MB, HTML_BUDGET_MB = 10.5, 2.0
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -339,7 +339,7 @@ JS_OVERFLOW = """(() => {
     return (o === 'auto' || o === 'scroll') && e.scrollWidth > e.clientWidth + 1;
   });
   return {page: document.documentElement.scrollWidth - document.documentElement.clientWidth,
-          scrolling: inner.length, examples: inner.slice(0, 3).map(e => e.tagName + '.' + e.className)};
+          scrolling: inner.length, examples: inner.map(e => e.tagName + '.' + e.className)};
 })()"""
 #: the widths a reader reads at: a laptop and a phone
 WIDTHS = {"desktop": 1280, "phone": 390}
@@ -445,7 +445,7 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
             assert not remote, f"{name}: requests left the local server: {remote}"
             assert not page.errors(), f"{name}: console errors: {page.errors()}"
             loaded = page.loaded()  # weighed before the width changes below (which may fetch more)
-            # no sideways scrolling at 1280 px (asserted) and at a phone's 390 px (measured, with a screenshot)
+            # no sideways scrolling at 1280 px and at a phone's 390 px (a screenshot at each)
             overflow = {"desktop": page.evaluate(JS_OVERFLOW)}
             page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["phone"], height=844, deviceScaleFactor=1,
                       mobile=True)
@@ -456,14 +456,16 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
                                                             "height": min(size["height"], 12000)})
             page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["desktop"], height=900, deviceScaleFactor=1,
                       mobile=False)
-            assert overflow["desktop"]["page"] <= 0 and not overflow["desktop"]["scrolling"], \
-                f"{name}: scrolls sideways at 1280 px: {overflow['desktop']}"
+            # (a display equation wider than the column scrolls inside MathJax's container: measured, not yet held)
+            for width, found in overflow.items():
+                code = [e for e in found["examples"] if not e.startswith("MJX-")]
+                assert found["page"] <= 0 and not code, f"{name}: scrolls sideways at {WIDTHS[width]} px: {found}"
             # page weight, against the budget stated at the top
-            total, own = sum(loaded.values()) / 1e6, loaded.get(server + rel, 0) / 1e6
+            own = (site / rel).stat().st_size / 1e6  # the document as served (DevTools may count it short)
+            total = (sum(loaded.values()) - loaded.get(server + rel, 0)) / 1e6 + own
             report[name] = {"figures": len([i for i in images if not i["widget"]]), "math": math["math"],
                             "widgets": len(widgets), "requests": len(page.requests()), "loaded_mb": round(total, 2),
                             "html_mb": round(own, 2), "sideways": overflow}
-            assert own > 0, f"{name}: the page's own HTML was not weighed"
             assert own <= HTML_BUDGET_MB, f"{name}: its HTML is {own:.2f} MB, over the budget of {HTML_BUDGET_MB} MB"
             assert total <= PAGE_BUDGET_MB, f"{name}: loads {total:.2f} MB, over the budget of {PAGE_BUDGET_MB} MB"
         finally:
