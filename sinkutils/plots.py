@@ -214,26 +214,35 @@ def bar_panels(panels: dict[str, torch.Tensor], xlabels: list[str], title: str =
 VERDICT_COLORS = {"agrees": "#27ae60", "DEPARTS": "#c0392b", "partly": "#e67e22", "n/a": "#95a5a6"}
 
 
-def causal_chain(links: list[tuple[str, str, str, list]], title: str = "") -> plt.Figure:
-    """The paper's causal chain as a row of boxes joined by arrows, each arrow coloured by its verdict
-    (``VERDICT_COLORS``) and labelled with the claims that test it (``scoreboard.chain_verdicts``)."""
-    n = len(links) + 1
-    fig, ax = _fig(figsize=(1.7 * n, 2.3))
-    ax.set(xlim=(-0.6, n - 0.4), ylim=(-1.0, 0.55), title=title)
-    ax.axis("off")
+def causal_chain(links: list[tuple[str, str, str, list]], title: str = "", per_row: int = 4) -> plt.Figure:
+    """The paper's causal chain as boxes joined by arrows, ``per_row`` boxes a row (a snake: the second row runs
+    right to left), each arrow coloured by its verdict (``VERDICT_COLORS``) and labelled with the claims that test
+    it, a tick for each that holds (``scoreboard.chain_verdicts``)."""
     nodes = [links[0][0]] + [b for _, b, _, _ in links]
-    for i, text in enumerate(nodes):
-        ax.text(i, 0, text, ha="center", va="center", fontsize=8.5,
-                bbox={"boxstyle": "round,pad=0.35", "fc": "white", "ec": COLORS["norm"], "lw": 1})
+    rows = (len(nodes) + per_row - 1) // per_row
+    at = [((i % per_row) if (i // per_row) % 2 == 0 else per_row - 1 - i % per_row, -1.6 * (i // per_row))
+          for i in range(len(nodes))]
+    fig, ax = _fig(figsize=(7.4, 0.9 + 1.5 * rows))
+    ax.set(xlim=(-0.55, per_row - 0.45), ylim=(-1.6 * (rows - 1) - 0.6, 0.45), title=title)
+    ax.axis("off")
+    boxes = [ax.text(x, y, text, ha="center", va="center", fontsize=9, zorder=3,
+                     bbox={"boxstyle": "round,pad=0.35", "fc": "white", "ec": COLORS["norm"], "lw": 1})
+             for (x, y), text in zip(at, nodes)]
     for i, (_, _, verdict, cs) in enumerate(links):
+        (x0, y0), (x1, y1) = at[i], at[i + 1]
         color = VERDICT_COLORS[verdict]
-        ax.annotate("", (i + 0.62, 0), (i + 0.38, 0), arrowprops={"arrowstyle": "-|>", "color": color, "lw": 3})
-        ax.text(i + 0.5, 0.3, verdict, ha="center", fontsize=8, color=color, weight="bold")
-        ax.text(i + 0.5, -0.42, "\n".join(c.key.replace("_", " ") + (" ✓" if c.holds else " ✗" if c.holds is False
-                                                                      else " –") for c in cs),
-                ha="center", va="top", fontsize=6, color=COLORS["norm"])
+        # from the edge of one box to the edge of the next (fractions of each text's extent)
+        start, end = ((0.5, 0), (0.5, 1)) if x0 == x1 else ((1, 0.5), (0, 0.5)) if x1 > x0 else ((0, 0.5), (1, 0.5))
+        ax.annotate("", end, start, xycoords=boxes[i + 1], textcoords=boxes[i],
+                    arrowprops={"arrowstyle": "-|>", "color": color, "lw": 3, "shrinkA": 8, "shrinkB": 8}, zorder=2)
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        names = "\n".join(c.key.replace("_", " ") + (" \u2713" if c.holds else " \u2717" if c.holds is False
+                                                      else " \u2013") for c in cs)
+        ax.text(mx + (0.08 if x0 == x1 else 0), my + 0.12 if y0 == y1 else my, verdict, ha="left" if x0 == x1
+                else "center", va="bottom" if y0 == y1 else "center", fontsize=8, color=color, weight="bold")
+        ax.text(mx - (0.08 if x0 == x1 else 0), my - 0.2 if y0 == y1 else my, names, ha="right" if x0 == x1
+                else "center", va="top" if y0 == y1 else "center", fontsize=6.5, color=COLORS["norm"])
     fig.tight_layout()
     return fig
-
 
 use_small_png()

@@ -200,8 +200,8 @@ def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.
     fig.savefig(png, dpi=110, bbox_inches="tight")
     caption = (f"The paper's causal chain, each link coloured by its verdict on `{Path(model).name}` (green: the "
                "claims that test it agree, red: they depart, amber: some do, grey: not testable here), with the "
-               "claims under it. Read it left to right: where the colour turns red is where this model's sink "
-               "stops following the paper's mechanism.")
+               "claims under it (a tick for each that holds). Follow the arrows: where they turn red is where this "
+               "model's sink stops following the paper's mechanism.")
     figure = "\n".join(["```{figure} scoreboard_chain.png", ":name: fig-scoreboard-chain",
                         ":alt: the causal chain coloured by verdict", "", caption, "```", ""])
     summary = "\n".join([
