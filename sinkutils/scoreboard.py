@@ -131,14 +131,14 @@ def _link(claim: claims.Claim, chapters_dir: Path) -> str:
     return f'<a href="../chapters/{page}.html{"#" + hash_ if hash_ else ""}">{text}</a>'
 
 
-def _rows(result: dict) -> list[tuple[claims.Claim, dict[str, claims.Claim]]]:
-    """One row per claim key, in chapter order: (the claim on the first model that has it, {column: claim})."""
+def _rows(result: dict, part: str) -> list[tuple[claims.Claim, dict[str, claims.Claim]]]:
+    """One row per claim key of ``part`` ("models" or "variants"), in chapter order: (the claim on the first column
+    that has it, {column: claim})."""
+    by_column = result["models"] if part == "models" else {"variants": result["variants"]}
     rows: dict[str, tuple[claims.Claim, dict]] = {}
-    for name, cs in result["models"].items():
+    for name, cs in by_column.items():
         for c in cs:
             rows.setdefault(c.key, (c, {}))[1][name] = c
-    for c in result["variants"]:
-        rows.setdefault(c.key, (c, {}))[1]["variants"] = c
     return sorted(rows.values(), key=lambda r: r[0].chapter)
 
 
@@ -150,12 +150,14 @@ def _title(column: str) -> str:
     return "the four embedded variants (chapter 6)" if column == "variants" else Path(column).name
 
 
-def table(result: dict, chapters_dir: Path, compact: bool = False) -> str:
-    """The scoreboard as a markdown table; ``compact``: verdicts only, no reference."""
-    cols = _columns(result)
-    head = ["chapter", "claim (paper's figure)", *map(_title, cols)] + ([] if compact else ["paper"])
+def table(result: dict, chapters_dir: Path, compact: bool = False, part: str = "models") -> str:
+    """The scoreboard as a markdown table: ``part`` "models" (a column per model, chapters 1-6) or "variants"
+    (chapter 6's comparison of the embedded variants); ``compact``: verdicts only, no reference."""
+    cols = list(result["models"]) if part == "models" else ["variants"]
+    head = ["ch.", "claim (paper's figure)", *(map(_title, cols) if part == "models" else ["the variants"])]
+    head += [] if compact else ["paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for first, by in _rows(result):
+    for first, by in _rows(result, part):
         cells = []
         for col in cols:
             c = by.get(col)
@@ -190,6 +192,14 @@ def _tally(result: dict) -> str:
                      for col in _columns(result))
 
 
+def variants_part(result: dict, chapters_dir: Path, compact: bool = False) -> list[str]:
+    """Chapter 6's comparison of the embedded variants (``claims.of_variants``) under its own heading, if measured."""
+    if not result["variants"]:
+        return []
+    return ["", "Chapter 6 compares `sinkbook-tiny` with the same recipe's head-wise RMSNorm, sigmoid and gated "
+            "variants:", "", table(result, chapters_dir, compact, part="variants"), ""]
+
+
 def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.DEFAULT) -> list[Path]:
     """``scoreboard.md``, ``scoreboard_summary.md``, ``scoreboard_figure.md`` and the chain figure
     ``scoreboard_chain.png`` in ``book_dir``; the links point at ``chapters_dir``'s headings."""
@@ -206,7 +216,8 @@ def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.
                         ":alt: the causal chain coloured by verdict", "", caption, "```", ""])
     summary = "\n".join([
         f"Every claim, measured when this site was built ({_tally(result)}); the numbers and the paper's references "
-        "are on the [scoreboard](scoreboard.md).", "", table(result, chapters_dir, compact=True), ""])
+        "are on the [scoreboard](scoreboard.md).", "", table(result, chapters_dir, compact=True), "",
+        *variants_part(result, chapters_dir, compact=True)])
     page = "\n".join([
         "# Reproduction scoreboard", "",
         "A row per claim of the paper, a column per model measured when this site was built: each cell is the "
@@ -214,7 +225,7 @@ def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.
         "their criteria and the numbers come from `sinkutils.claims` (the functions the chapters print and the "
         "tests assert), run here by `sinkutils.scoreboard`; each claim links to the chapter section that measures "
         f"it. In all: {_tally(result)}.", "",
-        table(result, chapters_dir), ""])
+        table(result, chapters_dir), "", *variants_part(result, chapters_dir)])
     paths = [book_dir / "scoreboard.md", book_dir / "scoreboard_summary.md", book_dir / "scoreboard_figure.md"]
     for path, text in zip(paths, (page, summary, figure)):
         path.write_text(text)

@@ -478,7 +478,7 @@ VERDICT_CELLS = r"<strong>(agrees|DEPARTS|n/a)</strong>"
 
 def test_scoreboard_page_renders_every_claim(site):
     page = (site / "book" / "scoreboard.html").read_text(encoding="utf-8")
-    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", page, re.S)[1:]
+    rows = [r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", page, re.S) if "<th" not in r]
     assert len(rows) >= 20, f"the scoreboard has {len(rows)} rows"  # chapters 1-6: every claim of_model decides
     for row in rows:
         assert re.search(VERDICT_CELLS, row), f"a scoreboard row without a verdict: {row[:200]}"
