@@ -33,6 +33,13 @@ def _progress(items, desc: str, quiet: bool = False):
     return tqdm(items, desc=desc, leave=False, disable=quiet or os.environ.get("TQDM_DISABLE") == "1")
 
 
+def sink_layers(attention_to_first: torch.Tensor) -> list[int]:
+    """The layers whose mean attention to token 0 is at least half of the largest layer's (chapter 1's sink
+    layer is the first of them; ``origin`` reads its probes over all of them)."""
+    a = attention_to_first
+    return [int(l) for l in (a >= 0.5 * a.max()).nonzero().flatten()]
+
+
 @dataclasses.dataclass
 class SinkProfile:
     """Per-layer sink numbers of chapter 1 (Fig 3, 18)."""
@@ -48,8 +55,7 @@ class SinkProfile:
     @property
     def sink_layer(self) -> int:
         """First layer whose mean attention to token 0 is at least half of the largest layer's."""
-        a = self.attention_to_first
-        return int((a >= 0.5 * a.max()).nonzero()[0])
+        return sink_layers(self.attention_to_first)[0]
 
     @property
     def norm_spike_layer(self) -> int:

@@ -91,14 +91,13 @@ def sink_origin(model, ids: torch.Tensor, k: int = 10, batch_size: int = 8, prog
         return measure.attention_to(model, batch, key, batch_size, progress).mean(-1)
 
     usual = to(ids, 0)
+    moved = bos_moved(ids, k)
     per_layer = {"BOS at 0 (usual input)": usual, "ordinary token at 0": to(ids[:, 1:], 0),
-                 "BOS moved to k": to(bos_moved(ids, k), k),
-                 "token 0 when BOS is at k": to(bos_moved(ids, k), 0)}
+                 "BOS moved to k": to(moved, k), "token 0 when BOS is at k": to(moved, 0)}
     with interventions.edit_head_output(model, 0, 0, torch.zeros_like):
         per_layer["token 0, its layer-0 attention output zeroed"] = to(ids, 0)
     per_layer["k, no intervention"] = to(ids, k)
     with interventions.block_aggregation(model, k):
         per_layer["k, aggregation blocked at k"] = to(ids, k)
-    sink_layers = [l for l in range(len(usual)) if usual[l] >= 0.5 * usual.max()]
-    return SinkOrigin(k=k, sink_layers=sink_layers, per_layer=per_layer)
+    return SinkOrigin(k=k, sink_layers=measure.sink_layers(usual), per_layer=per_layer)
 
