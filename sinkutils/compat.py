@@ -38,14 +38,24 @@ def sdpa_forward() -> Callable:
     return sdpa_attention_forward
 
 
+def attention_of(config) -> str | None:
+    """The attention implementation a config selects (a private field in every version so far)."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def choose_attention(config, name: str) -> None:
+    """Select attention implementation ``name`` on a config before a model is built from it."""
+    config._attn_implementation = name
+
+
 def set_attention(model, name: str) -> str:
     """Switch a loaded model's attention implementation; returns the previous name."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = name
+    previous = attention_of(model.config)
+    choose_attention(model.config, name)
     for sub in model.modules():  # some versions copy the config into sub-configs
         cfg = getattr(sub, "config", None)
-        if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = name
+        if cfg is not None and cfg is not model.config and attention_of(cfg) is not None:
+            choose_attention(cfg, name)
     return previous
 
 

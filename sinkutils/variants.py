@@ -76,7 +76,7 @@ def build(config, variant: str = "baseline") -> nn.Module:
     from transformers import LlamaForCausalLM
 
     config.sink_variant = _check(variant)
-    config._attn_implementation = trace.ATTN_NAME
+    compat.choose_attention(config, trace.ATTN_NAME)
     model = LlamaForCausalLM(config)
     attach(model)
     return model
@@ -119,9 +119,9 @@ def _new_submodule(variant: str, attn) -> nn.Module | None:
 def _before_attention(attn, args: tuple, kwargs: dict):
     """Forward pre-hook of a variant ``self_attn``: refuse other attention implementations (they would drop
     the variant silently) and pass the layer input x on to the attention function for the gate."""
-    if attn.config._attn_implementation != trace.ATTN_NAME:
+    if (chosen := compat.attention_of(attn.config)) != trace.ATTN_NAME:
         raise RuntimeError(f"this is a {variant_of(attn)!r} model: it only runs with attn_implementation="
-                           f"{trace.ATTN_NAME!r}, not {attn.config._attn_implementation!r}")
+                           f"{trace.ATTN_NAME!r}, not {chosen!r}")
     if variant_of(attn) == "gated":
         kwargs[_GATE_INPUT] = args[0] if args else kwargs["hidden_states"]
         return args, kwargs

@@ -58,7 +58,7 @@ def test_mask_only_in_chosen_layers_and_restores_attention():
     base_p, *_ = record_with_values(model, ids)
     with interventions.block_aggregation(model, K, layers=[1]):
         p, *_ = record_with_values(model, ids)
-    assert model.config._attn_implementation == "sdpa"
+    assert compat.attention_of(model.config) == "sdpa"
     torch.testing.assert_close(p[0], base_p[0])
     assert torch.equal(p[1, :, :, K, K], torch.ones_like(p[1, :, :, K, K]))
     assert p[2, :, :, K, K].max() < 1

@@ -3,7 +3,7 @@ clear errors for unknown names, hub ids offline, unsupported architectures and b
 import pytest
 import torch
 
-from sinkutils import models, trace
+from sinkutils import compat, models, trace
 from tests.test_trace import tiny
 
 
@@ -25,7 +25,7 @@ def test_local_folder_round_trip(tmp_path, arch):
     save_with_tokenizer(ref, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     model, tok = models.load(tmp_path, device="cpu")
-    assert model.config._attn_implementation == trace.ATTN_NAME
+    assert compat.attention_of(model.config) == trace.ATTN_NAME
     ids = torch.randint(0, 97, (1, 10))
     torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     assert model.dtype == torch.float32 and not model.training

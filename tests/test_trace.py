@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sinkutils import trace
+from sinkutils import compat, trace
 
 
 def tiny(arch: str, **extra):
@@ -66,7 +66,7 @@ def test_outputs_bit_identical_to_sdpa(arch):
     with trace.record(model, "attn.sink", "attn.entropy", "resid") as rec:
         traced = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(plain, traced)
-    assert model.config._attn_implementation == "sdpa"  # restored after the block
+    assert compat.attention_of(model.config) == "sdpa"  # restored after the block
     assert rec["attn.sink"].shape == (3, 2, 4, 24)
 
 

@@ -124,7 +124,7 @@ def test_save_and_models_load_round_trip(tmp_path, variant):
     model = tiny(variant, kv_heads=2)
     save_with_tokenizer(model, tmp_path)
     loaded, _ = models.load(tmp_path, device="cpu")
-    assert variants.variant_of(loaded) == variant and loaded.config._attn_implementation == trace.ATTN_NAME
+    assert variants.variant_of(loaded) == variant and compat.attention_of(loaded.config) == trace.ATTN_NAME
     ids, mask = padded_batch(4)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
