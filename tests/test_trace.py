@@ -119,7 +119,8 @@ def _largest_allocation(model, ids, *quantities) -> int:
 
 
 def test_sink_and_entropy_never_allocate_a_t_by_t_map():
-    """At T = 1024 one head's T x T float map is 4 MiB; recording sink and entropy allocates no block that large,
+    """At T = 1024 one head's T x T float map is 4 MiB; recording sink and entropy allocates no block that large
+    beyond what the plain forward allocates (transformers 4.48-4.52 build one T x (T + 1) causal mask themselves),
     while recording the maps (the positive control: what a T x T computation looks like here) allocates
     heads x T x T at once."""
     model = tiny("llama")
@@ -127,7 +128,8 @@ def test_sink_and_entropy_never_allocate_a_t_by_t_map():
     ids = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(5))
     one_map = T * T * 4
     assert _largest_allocation(model, ids, "attn.pattern") >= model.config.num_attention_heads * one_map
-    assert _largest_allocation(model, ids, "attn.sink", "attn.entropy") < one_map
+    plain = _largest_allocation(model, ids)
+    assert _largest_allocation(model, ids, "attn.sink", "attn.entropy") <= max(plain, one_map - 1)
 
 
 def test_bad_requests_name_the_valid_choices():
