@@ -4,11 +4,13 @@ measured model, generated when the site is built (``book.build_html``), never ty
 ``measure`` takes the claims; ``write`` turns them into ``book/scoreboard.md`` (a row per claim, a column per model:
 verdict and measurement, the paper's reference, a link to the chapter section that measures it) and
 ``book/scoreboard_figure.md`` and ``book/scoreboard_summary.md`` (the causal-chain figure, ``scoreboard_chain.png``,
-and a compact table: the landing page includes both).
+and a compact table: the landing page includes both). ``callout`` shows the same claims inside a chapter, one short
+box each (verdict, claim, the paper's value, this model's), where the chapter gives a claim's verdict.
 """
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 from pathlib import Path
@@ -166,6 +168,44 @@ def table(result: dict, chapters_dir: Path, compact: bool = False, part: str = "
         row = [str(first.chapter), f"{_link(first, chapters_dir)} ({_cell(first.figure)})", *cells]
         lines.append("| " + " | ".join(row + ([] if compact else [_cell(first.reference) or "-"])) + " |")
     return "\n".join(lines)
+
+
+class Callout:
+    """Claims as callouts: HTML boxes in Jupyter, Colab and the site (``_repr_html_``), ``Claim.line()`` as text."""
+
+    def __init__(self, found: list[claims.Claim]):
+        self.claims = found
+
+    def _repr_html_(self) -> str:
+        return "\n".join(map(_callout_html, self.claims))
+
+    def __repr__(self) -> str:
+        return "\n".join(c.line() for c in self.claims)
+
+
+def _callout_html(c: claims.Claim) -> str:
+    from sinkutils.plots import VERDICT_COLORS
+
+    color, e = VERDICT_COLORS[c.verdict], html.escape
+    label = 'style="opacity: .7"'
+    return (f'<div class="sinkbook-claim sinkbook-claim-{"na" if c.holds is None else c.verdict.lower()}" '
+            f'style="border-left: 4px solid {color}; background: {color}14; padding: .45em .8em; margin: .6em 0; '
+            f'line-height: 1.45; overflow-wrap: anywhere">'
+            f'<div><strong style="color: {color}">{e(c.verdict)}</strong> &middot; {e(c.statement)} '
+            f'<span {label}>({e(c.figure)})</span></div>'
+            f'<div><span {label}>paper:</span> {e(c.reference or "no value to compare with")}</div>'
+            f'<div><span {label}>this model:</span> {e(c.summary)}</div>'
+            f'<details style="font-size: .9em"><summary {label}>counts as agreement</summary>{e(c.criterion)}'
+            f'</details></div>')
+
+
+def callout(*found: claims.Claim) -> Callout:
+    """Each claim as one short callout, where a chapter (1-6) gives a claim's verdict: the verdict in its
+    scoreboard colour (``plots.VERDICT_COLORS``), the claim and the paper's figure, the paper's value, this model's
+    measurement, and the criterion folded away. Display it (``display(scoreboard.callout(c))``) or leave it last in a cell."""
+    if not found:
+        raise ValueError("give at least one claims.Claim")
+    return Callout(list(found))
 
 
 def chain_verdicts(result: dict, model: str = models.DEFAULT) -> list[tuple[str, str, str, list[claims.Claim]]]:

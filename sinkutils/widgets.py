@@ -4,6 +4,9 @@ A static page has no kernel, so callbacks cannot run there. ``switcher`` therefo
 (a bounded grid), puts the outputs in nested ``ipywidgets.Stack`` s and links each slider's index to the
 stacks' ``selected_index`` with ``jslink``: the browser switches between pre-rendered results with no kernel,
 and in Jupyter the same widget behaves identically.
+
+``table`` shows a chapter's per-layer (per-head, per-variant) numbers as a table that fits the page, where a cell
+would otherwise print one long line per row.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Callable
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
-from IPython.display import display
+from IPython.display import Markdown, display
 
 #: at most this many pre-rendered outputs per widget (keeps a page well under 5 MB)
 MAX_RENDERS = 64
@@ -84,3 +87,20 @@ def _nest(render, names, axes, sliders, fixed: dict) -> W.Widget:
     stack = W.Stack(children, selected_index=sliders[name].index)
     W.jslink((sliders[name], "index"), (stack, "selected_index"))
     return stack
+
+
+def table(header: list[str], rows: list[list]) -> Markdown:
+    """A chapter's tabular result (a row per layer, head or variant) as a Markdown table: rendered as a table by
+    Jupyter, Colab and the site, and wrapped to the column on a phone, where printed lines would scroll sideways.
+    Cells are shown as given (format numbers in the chapter: ``f"{x:.3f}"``); a ``|`` in a cell is escaped. Every
+    row needs one cell per header."""
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells for {len(header)} columns {list(header)}: {list(row)}")
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return Markdown("\n".join(lines))

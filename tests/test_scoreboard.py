@@ -92,3 +92,25 @@ def test_page_figures_are_small_pngs_of_the_same_size():
     small = base64.b64decode(plots.png(fig))
     assert Image.open(io.BytesIO(small)).size == Image.open(io.BytesIO(raw.getvalue())).size
     assert Image.open(io.BytesIO(small)).mode == "P" and len(small) < 0.6 * len(raw.getvalue())
+
+
+def test_callout_shows_verdict_claim_paper_and_this_model():
+    """A chapter's callout carries the claim's own fields (escaped), coloured as the scoreboard colours the verdict."""
+    from sinkutils.plots import VERDICT_COLORS
+
+    held = claims.Claim(key="k", chapter=1, figure="Fig 3", statement="attention <sinks> from some layer on",
+                        criterion="mean attention to token 0 >= 0.3", measured={"peak": 0.7},
+                        summary="0.70 at layer 3", holds=True, reference="about 0.8 in Llama-2-7B")
+    untestable = claims.Claim(key="n", chapter=5, figure="Fig 12", statement="QK locking", criterion="tau > 2 sd",
+                              measured={}, summary="no layer after the disparity", holds=None)
+    box = scoreboard.callout(held, untestable)
+    page = box._repr_html_()
+    first, second = page.split("\n")
+    for text in ("attention &lt;sinks&gt; from some layer on", "(Fig 3)", "about 0.8 in Llama-2-7B", "0.70 at layer 3",
+                 "mean attention to token 0 &gt;= 0.3", f'color: {VERDICT_COLORS["agrees"]}">agrees</strong>'):
+        assert text in first, text
+    assert "<sinks>" not in page
+    assert f'color: {VERDICT_COLORS["n/a"]}">n/a</strong>' in second and "no value to compare with" in second
+    assert repr(box) == f"{held.line()}\n{untestable.line()}"  # the text a terminal shows
+    with pytest.raises(ValueError, match="at least one"):
+        scoreboard.callout()
