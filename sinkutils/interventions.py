@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from sinkutils import compat, trace
+from sinkutils import attention, compat, models, trace
 
 
 def check_position(k: int, seq_len: int | None = None, attended: bool = False, first: bool = False) -> int:
@@ -60,21 +60,15 @@ def check_lambda(lam: float, minimum: float = 0.0) -> float:
     return float(lam)
 
 
-def check_layers(model, layers: Sequence[int] | None) -> set[int]:
-    """The set of layer indices (all when None), or a ValueError naming the valid range (``models.check_layers``)."""
-    from sinkutils.models import check_layers
-
-    return set(check_layers(model, layers))
-
-
 def check_edit_layer(model, layer: int) -> int:
     """``layer`` if an edit of its attention output can change attention somewhere (every layer but the
     last), else a ValueError naming the valid range."""
-    n = len(trace.decoder_layers(model))
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < n - 1:
+    n = models.n_layers(model)
+    try:
+        return models.check_index(layer, n - 1, "layer")
+    except ValueError:
         raise ValueError(f"layer {layer} cannot be edited usefully: an edit after attention changes only later "
-                         f"layers' attention; this model has layers 0..{n - 1}, so choose 0..{n - 2}")
-    return int(layer)
+                         f"layers' attention; this model has layers 0..{n - 1}, so choose 0..{n - 2}") from None
 
 
 def block_row(mask: torch.Tensor | None, k: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -85,7 +79,7 @@ def block_row(mask: torch.Tensor | None, k: int, q_len: int, kv_len: int, device
         raise ValueError(f"position k={k} is beyond the sequence of {kv_len} tokens; choose k in 1..{kv_len - 1}")
     row = k - (kv_len - q_len)  # queries are the last q_len positions
     if mask is None:
-        mask = trace._causal_bool(q_len, kv_len, device)[None, None]
+        mask = attention.causal_mask(q_len, kv_len, device)[None, None]
     if not 0 <= row < q_len:
         return mask
     mask = mask.clone()
@@ -98,33 +92,19 @@ def block_row(mask: torch.Tensor | None, k: int, q_len: int, kv_len: int, device
 
 
 @contextlib.contextmanager
-def _sinkbook_attention(model) -> Iterator[None]:
-    previous = compat.set_attention(model, trace.ATTN_NAME)
-    try:
-        yield
-    finally:
-        compat.set_attention(model, previous)
-
-
-@contextlib.contextmanager
 def block_aggregation(model, k: int, layers: Sequence[int] | None = None) -> Iterator[None]:
     """Mask intervention (Fig 5, 19): token ``k`` attends only to itself in ``layers`` (default: all), so its
-    attention output is its own value vector, as token 0's always is. Nothing else changes."""
+    attention output is its own value vector, as token 0's always is. Nothing else changes, in this model or any
+    other."""
     k = check_position(k)
-    chosen = check_layers(model, layers)
-    current = {"layer": None}
-    hooks = [block.self_attn.register_forward_pre_hook(lambda _m, _a, l=l: current.update(layer=l))
-             for l, block in enumerate(trace.decoder_layers(model))]
-
-    def edit(mask, q_len, kv_len, device):
-        return block_row(mask, k, q_len, kv_len, device) if current["layer"] in chosen else mask
-
+    modules = trace.attention_modules(model, layers)
+    previous = compat.set_attention(model, attention.ATTN_NAME)
     try:
-        with _sinkbook_attention(model), trace.mask_edit(edit):
+        with attention.mask_edit(lambda mask, q_len, kv_len, device: block_row(mask, k, q_len, kv_len, device),
+                                 modules):
             yield
     finally:
-        for h in hooks:
-            h.remove()
+        compat.set_attention(model, previous)
 
 
 def amplified(x: torch.Tensor, lam: float) -> torch.Tensor:
@@ -154,8 +134,7 @@ def edit_head_output(model, k: int, layer: int, transform: Callable[[torch.Tenso
     them, in the input of W_O. Enter before ``trace.record`` so the recorder sees the edited outputs. ``k`` may be
     0 (``origin.sink_origin`` zeroes token 0's output)."""
     k = check_position(k, first=True)
-    (layer,) = check_layers(model, [layer])
-    attn = trace.decoder_layers(model)[layer].self_attn
+    attn = trace.decoder_layers(model)[models.check_layer(model, layer)].self_attn
 
     def hook(_m, args):
         x = args[0]

@@ -4,19 +4,26 @@
         model(input_ids=ids)
     rec["attn.sink"]   # (layers, batch, heads, queries): attention each query gives to the sink key
 
-Quantities (raw Hugging Face numbers, no weight folding):
+Quantities (raw Hugging Face numbers, no weight folding), per recorded layer:
 
-- ``attn.sink``     attention weight from each query to key ``sink_index`` (default 0), per layer and head
-- ``attn.entropy``  entropy (nats) of each query's attention distribution, per layer and head
-- ``attn.pattern``  full attention maps (batch, heads, T, S): quadratic in T, so ask for few layers or short
-                    inputs (chapter-1 heatmaps)
-- ``attn.head_out`` per-head attention outputs after aggregation, before W_O: (batch, T, heads, head_dim)
-- ``resid``         residual stream: index 0 is the embedding output, index l+1 the output of layer l
-- ``mlp.act``       FFN hidden activations act(gate) * up, the input of ``down_proj``
+- ``attn.in``       the normalised hidden state the attention block reads (``input_layernorm``'s output), (B, T, d)
+- ``attn.q``        queries after RoPE, (B, T, heads, head_dim)
+- ``attn.k``        keys after RoPE, (B, T, kv_heads, head_dim): under grouped-query attention fewer heads than the
+                    queries (``attention.expand_kv`` repeats them)
+- ``attn.v``        values, the ``v_proj`` output, (B, T, kv_heads, head_dim)
+- ``attn.sink``     attention weight from each query to key ``sink_index`` (default 0), (B, heads, T)
+- ``attn.entropy``  entropy (nats) of each query's attention distribution, (B, heads, T)
+- ``attn.pattern``  full attention maps (B, heads, T, S): quadratic in T, so ask for few layers or short inputs
+                    (chapter-1 heatmaps)
+- ``attn.head_out`` per-head attention outputs after aggregation, before W_O, (B, T, heads, head_dim)
+- ``mlp.in``        the FFN input, ``post_attention_layernorm`` of the residual after attention, (B, T, d)
+- ``mlp.act``       FFN hidden activations act(gate) * up, the input of ``down_proj``, (B, T, ffn)
+- ``resid``         residual stream: index 0 is the embedding output, index l+1 the output of layer l, (B, T, d)
 
-Sink and entropy never build a (T x T) matrix: one extra fused attention pass per layer uses the keys as
-values, giving E_p[k] and the log-partition log Z (``compat.attention_with_lse``). With the sink's logit
-s_s, its weight is p_s = exp(s_s - log Z) and the entropy is log Z - scale * q . E_p[k].
+The attention quantities come from the registered attention function (``sinkutils.attention``), which already
+holds the post-RoPE queries and keys: nothing is recomputed. Sink and entropy never build a (T x T) matrix
+(``attention.softmax_stats``). A recorder belongs to the model it was opened on: a forward pass of any other
+model does not write into it.
 """
 from __future__ import annotations
 
@@ -25,11 +32,15 @@ from typing import Iterator
 
 import torch
 
-from sinkutils import compat, metrics
+from sinkutils import attention, compat, metrics
+# the attention arithmetic, under the names the chapters and exercises know it by
+from sinkutils.attention import ATTN_NAME, as_additive, causal_mask as _causal_bool  # noqa: F401
+from sinkutils.attention import softmax_stats as attention_stats  # noqa: F401
 
-ATTN_NAME = "sinkbook"
-QUANTITIES = ("attn.sink", "attn.entropy", "attn.pattern", "attn.head_out", "resid", "mlp.act")
+QUANTITIES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.sink", "attn.entropy", "attn.pattern",
+              "attn.head_out", "mlp.in", "mlp.act", "resid")
 _ATTENTION_STATS = ("attn.sink", "attn.entropy", "attn.pattern")
+_FROM_ATTENTION = ("attn.q", "attn.k", "attn.v") + _ATTENTION_STATS  # what the attention function hands over
 
 
 class Recorder:
@@ -40,9 +51,6 @@ class Recorder:
         self._data: dict[str, dict[int, torch.Tensor]] = {q: {} for q in quantities}
         self.real: torch.Tensor | None = None  # (batch, T) False at padding queries; None: no padding mask
         self._passes = 0
-
-    def wants(self, name: str, layer: int) -> bool:
-        return name in self._data and layer in self.layers
 
     def put(self, name: str, layer: int, value: torch.Tensor) -> None:
         self._data[name][layer] = value.detach()
@@ -71,120 +79,15 @@ class Recorder:
         return torch.where(real, sink[..., min_query:], 0).sum(dim=(1, 2, 3)) / real.sum(dim=(1, 2, 3))
 
 
-_active: list[Recorder] = []
-_mask_edits: list = []  # callables (mask, q_len, kv_len, device) -> mask; interventions push here
-
-
-def _causal_bool(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Causal mask aligned lower-right (a query sees every key up to its own absolute position)."""
-    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    return q >= torch.arange(kv_len, device=device)[None, :]
-
-
-def as_additive(mask: torch.Tensor | None, q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
-    """Any of the three mask forms (None = causal, bool = True attends, float additive) as a float mask."""
-    mask = compat.align_mask(mask, kv_len)
-    if mask is None:
-        mask = _causal_bool(q_len, kv_len, device)[None, None]
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, float("-inf"))
-    return mask.to(dtype)
-
-
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1) if x.shape[1] != n_heads else x
-
-
-def _mask_column(mask: torch.Tensor | None, q_len: int, kv_len: int, index: int, device) -> torch.Tensor:
-    """Additive mask values of one key column, (..., T): enough for the sink logit, no (T x S) needed."""
-    mask = compat.align_mask(mask, kv_len)
-    if mask is None:
-        visible = torch.arange(kv_len - q_len, kv_len, device=device) >= index
-        return torch.zeros(q_len, device=device).masked_fill(~visible, float("-inf"))
-    col = mask[..., index]
-    if col.dtype == torch.bool:
-        return torch.zeros(col.shape, device=device).masked_fill(~col, float("-inf"))
-    return col.float()
-
-
-def _real_queries(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor | None:
-    """(batch, q_len) True where the query sees its own key: False exactly at padding queries (left padding
-    masks their whole row, right padding at least their own key); None for a plain causal mask."""
-    mask = compat.align_mask(mask, kv_len)
-    if mask is None:
-        return None
-    own = mask.diagonal(offset=kv_len - q_len, dim1=-2, dim2=-1)  # (batch, heads or 1, q_len)
-    own = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
-    return own.all(dim=1)
-
-
-def _sdpa_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> dict:
-    """SDPA arguments for the mask: plain causal uses ``is_causal`` (the fused kernel, no T x S matrix)."""
-    mask = compat.align_mask(mask, kv_len)
-    if mask is None:
-        return {"is_causal": True} if q_len == kv_len else {"attn_mask": _causal_bool(q_len, kv_len, device)}
-    return {"attn_mask": mask if mask.dtype == torch.bool else mask.float()}
-
-
-def attention_stats(query, key, mask, scaling: float, sink_index: int, want: tuple[str, ...]) -> dict:
-    """Sink weight, entropy and/or full pattern for one layer, from post-RoPE q (B,H,T,D) and k (B,Hkv,S,D)."""
-    B, H, T, D = query.shape
-    S = key.shape[2]
-    out: dict[str, torch.Tensor] = {}
-    if "attn.pattern" in want:
-        k = _expand_kv(key, H).float()
-        scores = (query.float() @ k.transpose(-1, -2)) * scaling + as_additive(mask, T, S, torch.float32,
-                                                                                query.device)
-        out["attn.pattern"] = scores.softmax(-1)
-    if not {"attn.sink", "attn.entropy"} & set(want):
-        return out
-    if not 0 <= sink_index < S:
-        raise ValueError(f"sink_index {sink_index} is outside the {S} keys of this forward pass")
-    # one fused pass with the keys as values: E_p[k] and the log-partition log Z give everything.
-    q, k = query.float(), _expand_kv(key, H).float()
-    expected_k, log_z = compat.attention_with_lse(q, k, k, scaling, **_sdpa_mask(mask, T, S, q.device))
-    s_sink = (q * k[:, :, sink_index, None, :]).sum(-1) * scaling + _mask_column(mask, T, S, sink_index, q.device)
-    if "attn.sink" in want:
-        out["attn.sink"] = torch.exp(s_sink - log_z)
-    if "attn.entropy" in want:
-        out["attn.entropy"] = log_z - scaling * (q * expected_k).sum(-1)
-    return out
-
-
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The registered attention function: sdpa's own output, then what the active recorder asks for."""
-    from sinkutils import variants
-
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    T, S = query.shape[2], key.shape[2]
-    for edit in _mask_edits:
-        attention_mask = edit(compat.align_mask(attention_mask, S), T, S, query.device)
-    out, weights = variants.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    layer = module.layer_idx
-    for rec in _active:
-        want = tuple(q for q in _ATTENTION_STATS if rec.wants(q, layer))
-        if want:
-            rec.real = _real_queries(attention_mask, T, S)
-            stats = variants.stats(module, query, key, attention_mask, scaling, rec.sink_index, want)
-            for name, value_ in stats.items():
-                rec.put(name, layer, value_)
-    return out, weights
-
-
-compat.register_attention(ATTN_NAME, attention)
-
-
-@contextlib.contextmanager
-def mask_edit(edit) -> Iterator[None]:
-    """Inside the block, every attention mask passes through ``edit(mask, q_len, kv_len, device) -> mask``
-    before attention and statistics use it (chapter 3's interventions). ``mask`` arrives in any of the
-    three forms (None means plain causal); ``as_additive`` converts. Requires the sinkbook attention
-    (``models.load`` sets it; ``record`` sets it for its block)."""
-    _mask_edits.append(edit)
-    try:
-        yield
-    finally:
-        _mask_edits.remove(edit)
+def mask_edit(edit, model=None, layers: list[int] | None = None):
+    """Inside the block, the attention mask passes through ``edit(mask, q_len, kv_len, device) -> mask`` before
+    attention and statistics use it (chapter 3's interventions): in ``model``'s ``layers`` (default: all), or in
+    every model running the sinkbook attention when no model is given. ``mask`` arrives in any of the three forms
+    (None means plain causal); ``as_additive`` converts. Requires the sinkbook attention (``models.load`` sets it;
+    ``interventions.block_aggregation`` sets it for its block)."""
+    if model is None:
+        return attention.mask_edit(edit)
+    return attention.mask_edit(edit, attention_modules(model, layers))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -197,9 +100,18 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def attention_modules(model, layers: list[int] | None = None) -> list[torch.nn.Module]:
+    """The ``self_attn`` modules of ``model``'s ``layers`` (default: all), checked by ``models.check_layers``."""
+    from sinkutils.models import check_layers
+
+    blocks = decoder_layers(model)
+    return [blocks[l].self_attn for l in check_layers(model, layers)]
+
+
 @contextlib.contextmanager
 def record(model, *quantities: str, layers: list[int] | None = None, sink_index: int = 0) -> Iterator[Recorder]:
-    """Record the named quantities during the forward passes inside the block (see module docstring)."""
+    """Record the named quantities of ``model``'s ``layers`` (default: all) during the forward pass inside the
+    block (see the module docstring); only ``model``'s own forward pass writes into the recorder."""
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown or not quantities:
         raise ValueError(f"unknown or no quantities {unknown or quantities}; choose from {QUANTITIES}")
@@ -208,6 +120,8 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     blocks = decoder_layers(model)
     layers = check_layers(model, layers, allow_empty=True)  # none: only the embedding output of ``resid``
     rec = Recorder(tuple(quantities), layers, sink_index)
+    index = {block.self_attn: l for l, block in enumerate(blocks) if l in layers}
+    want = tuple(q for q in _ATTENTION_STATS if q in quantities)
 
     def count_pass(_m, _args):
         # a second pass would overwrite the first one's layers, silently keeping only the last
@@ -215,6 +129,20 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
         if rec._passes > 1:
             raise RuntimeError("trace.record holds one forward pass, and the model was called again inside the "
                                "block (generate() calls it once per token): open one `record` block per pass")
+
+    def from_attention(module, query, key, value, mask, scaling):
+        l = index[module]
+        for name, x in (("attn.q", query), ("attn.k", key), ("attn.v", value)):
+            if name in quantities:
+                rec.put(name, l, x.transpose(1, 2))  # (B, T, heads, head_dim), as attn.head_out
+        if want:
+            T, S = query.shape[2], key.shape[2]
+            rec.real = attention.real_queries(mask, T, S)
+            for name, x in attention.stats(module, query, key, mask, scaling, sink_index, want).items():
+                rec.put(name, l, x)
+
+    def first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
 
     hooks = [blocks[0].register_forward_pre_hook(count_pass)]
     if "resid" in quantities:
@@ -224,23 +152,29 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     for l, block in enumerate(blocks):
         if l not in layers:
             continue
+        attn = block.self_attn
         if "resid" in quantities:
             hooks.append(block.register_forward_hook(
                 lambda _m, _i, out, l=l: rec.put("resid", l, compat.layer_output(out))))
+        if "attn.in" in quantities:
+            hooks.append(attn.register_forward_pre_hook(
+                lambda _m, args, kwargs, l=l: rec.put("attn.in", l, first_arg(args, kwargs)), with_kwargs=True))
         if "attn.head_out" in quantities:
-            attn = block.self_attn
             hooks.append(attn.o_proj.register_forward_pre_hook(
                 lambda _m, inp, a=attn, l=l: rec.put("attn.head_out", l,
                                                      inp[0].unflatten(-1, (-1, a.head_dim)))))
+        if "mlp.in" in quantities:
+            hooks.append(block.mlp.register_forward_pre_hook(
+                lambda _m, args, kwargs, l=l: rec.put("mlp.in", l, first_arg(args, kwargs)), with_kwargs=True))
         if "mlp.act" in quantities:
             hooks.append(block.mlp.down_proj.register_forward_pre_hook(
                 lambda _m, inp, l=l: rec.put("mlp.act", l, inp[0])))
-    previous = compat.set_attention(model, ATTN_NAME) if set(quantities) & set(_ATTENTION_STATS) else None
-    _active.append(rec)
+    tapping = set(quantities) & set(_FROM_ATTENTION)
+    previous = compat.set_attention(model, ATTN_NAME) if tapping else None
     try:
-        yield rec
+        with attention.tap(index if tapping else [], from_attention):
+            yield rec
     finally:
-        _active.remove(rec)
         for h in hooks:
             h.remove()
         if previous is not None:

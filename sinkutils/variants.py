@@ -1,5 +1,6 @@
 """Attention variants of chapter 6 (Fig 2, 14, 15, 16, 23) as a flag on a Llama config (``config.sink_variant``),
-applied inside the registered attention function, so the transformers layer code is never copied.
+applied inside the registered attention function (``attention.attend``), so the transformers layer code is never
+copied. This module builds, saves and loads variant models; ``sinkutils.attention`` holds their arithmetic.
 
 - ``baseline``: softmax attention, exactly transformers' sdpa.
 - ``headwise_rmsnorm``: the paper's fix. Each head's attention output is RMS-normalised over head_dim right
@@ -20,15 +21,15 @@ attention implementation rather than silently computing the baseline.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sinkutils import compat, trace
+# sigmoid_weights: the sigmoid variant's weights, which the exercises check against
+from sinkutils.attention import ATTN_NAME, GATE_INPUT, SUBMODULES, sigmoid_weights, variant_of  # noqa: F401
 
 VARIANTS = {
     "baseline": "softmax attention, transformers' sdpa",
@@ -36,10 +37,6 @@ VARIANTS = {
     "sigmoid": "sigmoid(q.k * scale - log S) per key, no normalisation (Ramapuram et al. 2024)",
     "gated": "softmax attention times sigmoid(x W_g) elementwise, before W_O (Qiu et al. 2025)",
 }
-#: variant -> name of its submodule on each ``self_attn``
-SUBMODULES = {"headwise_rmsnorm": "head_norm", "gated": "attn_gate"}
-_GATE_INPUT = "sinkbook_gate_input"  # kwarg the pre-hook adds so the attention function sees x
-_TINY = 1e-30
 
 
 class HeadRMSNorm(nn.Module):
@@ -57,11 +54,6 @@ class HeadRMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def variant_of(module) -> str:
-    """The variant a model, or one of its ``self_attn`` modules, was built as (``baseline`` if unset)."""
-    return getattr(module.config, "sink_variant", "baseline")
-
-
 def _check(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
@@ -76,7 +68,7 @@ def build(config, variant: str = "baseline") -> nn.Module:
     from transformers import LlamaForCausalLM
 
     config.sink_variant = _check(variant)
-    compat.choose_attention(config, trace.ATTN_NAME)
+    compat.choose_attention(config, ATTN_NAME)
     model = LlamaForCausalLM(config)
     attach(model)
     return model
@@ -90,7 +82,7 @@ def attach(model, source: str | os.PathLike | None = None) -> None:
         raise ValueError(f"model says sink_variant={variant!r}; this sinkbook knows {sorted(VARIANTS)}")
     if variant == "baseline":
         return
-    compat.set_attention(model, trace.ATTN_NAME)
+    compat.set_attention(model, ATTN_NAME)
     for attn in (block.self_attn for block in trace.decoder_layers(model)):
         if _before_attention in attn._forward_pre_hooks.values():  # attached already
             continue
@@ -119,11 +111,11 @@ def _new_submodule(variant: str, attn) -> nn.Module | None:
 def _before_attention(attn, args: tuple, kwargs: dict):
     """Forward pre-hook of a variant ``self_attn``: refuse other attention implementations (they would drop
     the variant silently) and pass the layer input x on to the attention function for the gate."""
-    if (chosen := compat.attention_of(attn.config)) != trace.ATTN_NAME:
+    if (chosen := compat.attention_of(attn.config)) != ATTN_NAME:
         raise RuntimeError(f"this is a {variant_of(attn)!r} model: it only runs with attn_implementation="
-                           f"{trace.ATTN_NAME!r}, not {chosen!r}")
+                           f"{ATTN_NAME!r}, not {chosen!r}")
     if variant_of(attn) == "gated":
-        kwargs[_GATE_INPUT] = args[0] if args else kwargs["hidden_states"]
+        kwargs[GATE_INPUT] = args[0] if args else kwargs["hidden_states"]
         return args, kwargs
     return None
 
@@ -150,61 +142,3 @@ def _load_submodules(model, variant: str, source: str | os.PathLike) -> None:
         raise ValueError(f"{source} says sink_variant={variant!r} but its safetensors lack {len(missing)} of the "
                          f"variant's tensors (e.g. {missing[0]}); was it saved from a {variant} model?")
     model.load_state_dict(found, strict=False)
-
-
-def attend(module, query, key, value, mask, scaling: float, dropout: float,
-           **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The attention output of ``module``'s variant: (B, T, H, D) and optional weights."""
-    variant = variant_of(module)
-    gate_input = kwargs.pop(_GATE_INPUT, None)
-    if variant == "sigmoid":
-        weights = sigmoid_weights(query, key, mask, scaling).to(value.dtype)
-        if dropout:
-            weights = F.dropout(weights, p=dropout)
-        return (weights @ _expand_kv(value, query.shape[1])).transpose(1, 2).contiguous(), weights
-    out, weights = compat.sdpa_forward()(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    if variant == "baseline":
-        return out, weights
-    if variant in SUBMODULES and not hasattr(module, SUBMODULES[variant]):
-        raise RuntimeError(f"this {variant!r} model lacks self_attn.{SUBMODULES[variant]}: create it with "
-                           f"variants.build, or load it with models.load (which calls variants.attach)")
-    if variant == "headwise_rmsnorm":
-        return module.head_norm(out), weights
-    return out * torch.sigmoid(module.attn_gate(gate_input)).unflatten(-1, out.shape[-2:]), weights
-
-
-def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Grouped-query attention: repeat each key/value head for the query heads that share it."""
-    return x.repeat_interleave(n_heads // x.shape[1], dim=1)
-
-
-def sigmoid_weights(query, key, mask, scaling: float) -> torch.Tensor:
-    """Sigmoid attention weights (B, H, T, S) in float32: sigmoid(scale * q.k - log S), 0 on masked keys."""
-    T, S = query.shape[2], key.shape[2]
-    add = trace.as_additive(mask, T, S, torch.float32, query.device)
-    scores = query.float() @ _expand_kv(key, query.shape[1]).float().transpose(-1, -2)
-    return torch.sigmoid(scores * scaling + add - math.log(S))
-
-
-def stats(module, query, key, mask, scaling: float, sink_index: int,
-          want: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Attention statistics under the module's variant (see ``trace.attention_stats``).
-
-    Softmax variants share the baseline's statistics. For ``sigmoid`` the weights do not sum to 1:
-    ``attn.sink`` and ``attn.pattern`` report the raw sigmoid weights (what the sink key really receives),
-    and ``attn.entropy`` is the entropy of each query's weights normalised to sum 1 (0 for a row of zeros).
-    """
-    if variant_of(module) != "sigmoid":
-        return trace.attention_stats(query, key, mask, scaling, sink_index, want)
-    weights = sigmoid_weights(query, key, mask, scaling)
-    if not 0 <= sink_index < weights.shape[-1]:
-        raise ValueError(f"sink_index {sink_index} is outside the {weights.shape[-1]} keys of this forward pass")
-    out: dict[str, torch.Tensor] = {}
-    if "attn.pattern" in want:
-        out["attn.pattern"] = weights
-    if "attn.sink" in want:
-        out["attn.sink"] = weights[..., sink_index]
-    if "attn.entropy" in want:
-        p = weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)
-        out["attn.entropy"] = torch.special.entr(p).sum(-1)
-    return out

@@ -4,7 +4,7 @@ they name, where trace records it; invalid positions, layers and lambdas are ref
 import pytest
 import torch
 
-from sinkutils import compat, interventions, metrics, trace
+from sinkutils import attention, compat, interventions, metrics, trace
 from tests.test_trace import tiny
 
 K = 5
@@ -189,5 +189,5 @@ def test_invalid_choices_say_what_is_valid():
     with pytest.raises(ValueError, match="layer 2 cannot be edited usefully.*choose 0..1"):
         interventions.check_edit_layer(model, 2)
     # nothing stays attached after a failure
-    assert not trace._mask_edits
+    assert not attention._mask_edits and not attention._taps
     assert all(not b.self_attn.o_proj._forward_pre_hooks for b in model.model.layers)

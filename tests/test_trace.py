@@ -110,6 +110,84 @@ def test_hidden_quantities_match_references():
     torch.testing.assert_close(resid[1] + attn_out + block.mlp(x), resid[2], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_queries_keys_values_and_block_inputs_match_a_plain_recomputation(arch):
+    """attn.in is input_layernorm of the layer input; attn.q / attn.k are q_proj / k_proj of it rotated by a RoPE
+    written here (not transformers'), attn.v is v_proj of it; the softmax of q.k reproduces eager attention's maps;
+    mlp.in is post_attention_layernorm of the residual after attention."""
+    from tests.test_variants import rope
+
+    model = tiny(arch)
+    cfg = model.config
+    theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+    ref = eager_reference(model, ids)
+    with torch.no_grad(), trace.record(model, "attn.in", "attn.q", "attn.k", "attn.v", "attn.head_out", "mlp.in",
+                                       "resid") as rec:
+        model(input_ids=ids)
+    H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    assert rec["attn.q"].shape == (3, 2, 12, H, D) and rec["attn.k"].shape == rec["attn.v"].shape == (3, 2, 12, Hkv, D)
+    with torch.no_grad():
+        for l, block in enumerate(model.model.layers):
+            a = block.self_attn
+            x = block.input_layernorm(ref.hidden_states[l])
+            torch.testing.assert_close(rec["attn.in"][l], x, atol=1e-5, rtol=1e-5)
+            heads = lambda y: y.unflatten(-1, (-1, D)).transpose(1, 2)  # noqa: E731  (B, heads, T, D)
+            q, k = rope(heads(a.q_proj(x)), theta), rope(heads(a.k_proj(x)), theta)
+            torch.testing.assert_close(rec["attn.q"][l], q.transpose(1, 2), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rec["attn.k"][l], k.transpose(1, 2), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(rec["attn.v"][l], a.v_proj(x).unflatten(-1, (-1, D)), atol=1e-6, rtol=1e-6)
+            k = k.repeat_interleave(H // Hkv, dim=1)
+            scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+            allowed = torch.ones(12, 12, dtype=torch.bool).tril()
+            if arch == "mistral":
+                allowed &= ~torch.ones(12, 12, dtype=torch.bool).tril(-cfg.sliding_window)
+            torch.testing.assert_close(scores.masked_fill(~allowed, float("-inf")).softmax(-1), ref.attentions[l],
+                                       atol=1e-5, rtol=1e-4)
+            after_attention = ref.hidden_states[l] + a.o_proj(rec["attn.head_out"][l].flatten(-2))
+            torch.testing.assert_close(rec["mlp.in"][l], block.post_attention_layernorm(after_attention),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_a_recorder_holds_only_its_own_models_forward_pass():
+    """Two models of one architecture: a forward pass of B inside A's record block leaves A's recorder empty, and
+    with both recorders open each holds exactly what its model records alone. Mask edits are bound the same way."""
+    a, b = tiny("qwen2"), tiny("qwen2")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(8))
+    names = ("attn.sink", "attn.entropy", "attn.q", "attn.v", "attn.head_out", "resid")
+    with torch.no_grad():
+        with trace.record(a, *names) as only_a:
+            b(input_ids=ids)
+        for name in names:
+            with pytest.raises(RuntimeError, match="is empty"):
+                only_a[name]
+        alone = {}
+        for m in (a, b):
+            with trace.record(m, *names) as rec:
+                m(input_ids=ids)
+            alone[m] = rec
+        with trace.record(a, *names) as rec_a, trace.record(b, *names) as rec_b:
+            a(input_ids=ids)
+            b(input_ids=ids)
+        for name in names:
+            assert torch.equal(rec_a[name], alone[a][name]) and torch.equal(rec_b[name], alone[b][name]), name
+        assert not torch.equal(rec_a["attn.q"], rec_b["attn.q"])
+        compat.set_attention(b, trace.ATTN_NAME)
+        plain_b = b(input_ids=ids).logits
+        with trace.mask_edit(lambda mask, q_len, kv_len, device: torch.eye(q_len, kv_len, dtype=torch.bool,
+                                                                              device=device)[None, None], a):
+            assert torch.equal(b(input_ids=ids).logits, plain_b)
+            with trace.record(a, "attn.sink") as rec:
+                a(input_ids=ids)
+    # under the edit every query of A attends only to itself: token 0 gets weight 1 from itself, 0 from the others
+    expected = torch.zeros(10)
+    expected[0] = 1
+    torch.testing.assert_close(rec["attn.sink"], expected.expand_as(rec["attn.sink"]), atol=1e-6, rtol=0)
+
+
 def _largest_allocation(model, ids, *quantities) -> int:
     """Bytes of the largest single CPU allocation during a forward pass recording ``quantities``."""
     from torch.profiler import ProfilerActivity, profile
