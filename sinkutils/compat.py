@@ -9,6 +9,12 @@ from packaging.version import Version
 
 TRANSFORMERS = Version(transformers.__version__)
 
+# The releases besides requirements.txt's pin that tests/test_versions.py runs the unit tests and the embedded
+# models on (the oldest pyproject admits and one in between), each with the tokenizers and huggingface_hub it needs.
+OTHER_TESTED_RELEASES = {
+    "4.48.3": ("tokenizers==0.21.4", "huggingface_hub==0.36.0"),
+    "4.57.6": ("tokenizers==0.22.1", "huggingface_hub==0.36.0"),
+}
 
 def register_attention(name: str, fn: Callable) -> None:
     """Make ``fn`` selectable as ``attn_implementation=name``, with sdpa's mask builder.
@@ -113,3 +119,30 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         lses.append(s.logsumexp(-1))
         outs.append(s.softmax(-1) @ v)
     return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def make_portable(folder) -> None:
+    """Rewrite the config and tokenizer files that ``save_pretrained`` wrote into ``folder`` so that every
+    supported version reads them: 5.x names the tokenizer class ``TokenizersBackend`` (unknown before 5.0; the
+    same fast tokenizer is ``PreTrainedTokenizerFast`` in both) and writes RoPE only as ``rope_parameters``
+    (4.x reads ``rope_theta``). Only keys are added or renamed; the values stay those saved."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    cfg_path, tok_path = folder / "config.json", folder / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        rope = cfg.get("rope_parameters") or {}
+        if "rope_theta" not in cfg and "rope_theta" in rope:
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"{cfg_path}: RoPE type {rope['rope_type']!r} has no 4.x form written by sinkbook")
+            cfg["rope_theta"] = rope["rope_theta"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if tok_path.exists():
+        tok = json.loads(tok_path.read_text())
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        for key in ("backend", "is_local", "local_files_only"):  # 5.x bookkeeping that 4.x would store as kwargs
+            tok.pop(key, None)
+        tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")

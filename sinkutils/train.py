@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sinkutils import data
+from sinkutils import compat, data
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # Llama's order: unk=0, bos=1, eos=2
 #: Where BOS stands in a training row. "always": every row is BOS + a window, so position 0 *is* the BOS token
@@ -482,6 +482,7 @@ def export(model, tokenizer, cfg: TrainConfig, log: list, out: Path) -> None:
     """The shippable model: ``save_pretrained`` (safetensors) + tokenizer + config + training log."""
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
+    compat.make_portable(out / "model")
     (out / "model" / "training.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "log": log}, indent=1))
 
@@ -507,6 +508,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
         shutil.rmtree(dest)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+    compat.make_portable(dest)  # the files every supported transformers version reads
     models.write_checksums(dest)  # load verifies them: a corrupt tensor file is refused, not run to NaN logits
     model.eval()
     ids = data.token_batch(tokenizer, data.python_docs(), n=32, length=128, seed=0)
