@@ -16,6 +16,7 @@ OTHER_TESTED_RELEASES = {
     "4.57.6": ("tokenizers==0.22.1", "huggingface_hub==0.36.0"),
 }
 
+
 def register_attention(name: str, fn: Callable) -> None:
     """Make ``fn`` selectable as ``attn_implementation=name``, with sdpa's mask builder.
 
