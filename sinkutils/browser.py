@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sinkutils import models, variants
+from sinkutils import compat, models, variants
 
 #: additive mask value for a key a query may not see: exp(-1e9) and sigmoid(-1e9) are exactly 0 in float32,
 #: and unlike -inf it cannot turn into NaN through inf - inf
@@ -67,13 +67,11 @@ class BrowserModel(nn.Module):
             raise ValueError(f"unknown variant {self.variant!r}")
         if cfg.model_type != "llama" or cfg.num_key_value_heads != cfg.num_attention_heads:
             raise ValueError("BrowserModel exports Llama models without grouped-query attention (the embedded ones)")
-        if getattr(cfg, "rope_parameters", {}).get("rope_type", "default") != "default":
-            raise ValueError("BrowserModel implements the default RoPE only")
+        theta = compat.default_rope_theta(cfg)  # ValueError for other kinds of RoPE
         self.inner = model.model
         self.lm_head = model.lm_head
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        theta = cfg.rope_parameters["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

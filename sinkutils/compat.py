@@ -66,6 +66,16 @@ def set_attention(model, name: str) -> str:
     return previous
 
 
+def default_rope_theta(config) -> float:
+    """RoPE's base of a config that uses plain RoPE: 5.x keeps it in ``rope_parameters``, 4.x in ``rope_theta``
+    (with ``rope_scaling`` for the other kinds); ValueError for any other kind of RoPE."""
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = params.get("rope_type") or (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"RoPE type {kind!r}: only the default RoPE is implemented here")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", None)))
+
+
 def dtype_kwarg(dtype) -> dict:
     """``torch_dtype=`` became ``dtype=`` in 4.56."""
     return {"dtype": dtype} if TRANSFORMERS >= Version("4.56") else {"torch_dtype": dtype}

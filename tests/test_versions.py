@@ -122,3 +122,16 @@ def test_embedded_models_measure_the_same_on_every_supported_release(release):
         torch.testing.assert_close(torch.tensor(theirs[name]["attention_to_first"]), prof.attention_to_first,
                                    rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor(theirs[name]["first_norm"]), prof.first_norm, rtol=1e-5, atol=1e-5)
+
+
+def test_default_rope_theta_reads_both_layouts():
+    """5.x's rope_parameters, 4.x's rope_theta/rope_scaling: the same base; other kinds of RoPE refused."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    assert compat.default_rope_theta(LlamaConfig(rope_theta=500000.0)) == 500000.0
+    assert compat.default_rope_theta(SimpleNamespace(rope_theta=10000.0, rope_scaling=None)) == 10000.0
+    assert compat.default_rope_theta(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 3.0})) == 3.0
+    with pytest.raises(ValueError, match="'llama3'"):
+        compat.default_rope_theta(SimpleNamespace(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
