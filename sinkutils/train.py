@@ -107,10 +107,14 @@ class TrainConfig:
 
     def run_fields(self) -> dict:
         """What decides the weights and the log: a resume must match all of it. Free to change between
-        resumes: where output goes, threads, device, compilation, and how often to evaluate or checkpoint; the data folder
+        resumes: where and how it runs (``MACHINE_FIELDS``) and how often to evaluate or checkpoint; the data folder
         may move, its token streams are compared by content (``data_fingerprint``)."""
-        free = ("out_dir", "data_dir", "threads", "device", "eval_every", "ckpt_every", "compile")  # data: by content
+        free = (*MACHINE_FIELDS, "eval_every", "ckpt_every")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
+
+
+# Where a run reads and writes and how it uses the machine: no effect on the numbers (a regenerate command omits them).
+MACHINE_FIELDS = ("out_dir", "data_dir", "threads", "device", "compile")
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -525,7 +529,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
     corpus = json.loads((Path(cfg.data_dir) / "corpus.json").read_text())
     defaults = dataclasses.asdict(TrainConfig(data_dir="", out_dir=""))
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in saved["config"].items()
-                     if k not in ("data_dir", "out_dir", "threads", "device", "compile") and v != defaults[k])
+                     if k not in MACHINE_FIELDS and v != defaults[k])
     vocab = len(tokenizer)
     stop = f" --stop-after {saved['step']}" if saved["step"] < cfg.steps else ""
     (dest / "MODEL_CARD.md").write_text(f"""# {name}
