@@ -50,17 +50,16 @@ def head_imbalance(model, ids: torch.Tensor, min_query: int = 4, batch_size: int
     models.check_length(model, ids.shape[1])
     if ids.shape[1] <= min_query:
         raise ValueError(f"sequences of {ids.shape[1]} tokens leave no query at positions >= min_query={min_query}")
-    sums = {"entropy": 0.0, "variance": 0.0, "sink": 0.0}
-    n = 0
-    for chunk in measure.batches(ids, batch_size, "head imbalance"):
-        with trace.record(model, "attn.entropy", "attn.sink", "attn.head_out") as rec:
-            model(input_ids=chunk.to(model.device))
+
+    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
         var = metrics.dimension_variance(rec["attn.head_out"].float())  # (L, B, T, H)
-        sums["entropy"] = sums["entropy"] + rec["attn.entropy"].float()[..., min_query:].mean(-1).sum(1).cpu()
-        sums["sink"] = sums["sink"] + rec["attn.sink"].float()[..., min_query:].mean(-1).sum(1).cpu()
-        sums["variance"] = sums["variance"] + var[:, :, min_query:].mean(2).sum(1).cpu()
-        n += chunk.shape[0]
-    return HeadImbalance(**{k: v / n for k, v in sums.items()}, min_query=min_query)
+        return {"entropy": rec["attn.entropy"].float()[..., min_query:].mean(-1).sum(1),
+                "variance": var[:, :, min_query:].mean(2).sum(1),
+                "sink": rec["attn.sink"].float()[..., min_query:].mean(-1).sum(1)}
+
+    return HeadImbalance(**measure.mean_over_sequences(model, ids, ("attn.entropy", "attn.sink", "attn.head_out"),
+                                                       summed, batch_size=batch_size, desc="head imbalance"),
+                         min_query=min_query)
 
 
 # --- Fig 2, 14, 15, 16, 23: the four variants -------------------------------------------------------------
@@ -126,15 +125,13 @@ def first_share(model, ids: torch.Tensor, min_query: int = 4, batch_size: int = 
     sum to 1 (each is about 1/S when scores are near 0), so its raw weight on token 0 is small by construction;
     this share is what compares with softmax attention. It needs the attention maps: for the small comparison
     models only (heads x T x T per layer)."""
-    total, n = 0.0, 0
-    for chunk in measure.batches(ids, batch_size, "share of token 0"):
-        with trace.record(model, "attn.pattern") as rec:
-            model(input_ids=chunk.to(model.device))
+
+    def summed(rec: trace.Recorder) -> torch.Tensor:
         w = rec["attn.pattern"].float()[..., min_query:, :]  # (L, B, H, T - min_query, S)
-        share = w[..., 0] / w.sum(-1).clamp_min(1e-30)
-        total = total + share.mean(dim=(2, 3)).sum(1).cpu()
-        n += chunk.shape[0]
-    return total / n
+        return (w[..., 0] / w.sum(-1).clamp_min(1e-30)).mean(dim=(2, 3)).sum(1)
+
+    return measure.mean_over_sequences(model, ids, ("attn.pattern",), summed, batch_size=batch_size,
+                                       desc="share of token 0")
 
 
 def steps_to_reach(log: list[dict], loss: float) -> int | None:

@@ -1,13 +1,20 @@
-"""What each chapter measures on a model: trace + metrics over batches of text, one function per figure."""
+"""What each chapter measures on a model: trace + metrics over batches of text, one function per figure.
+
+Words: *token 0* is the first token of a row; the *later* tokens (or positions) are 1..T-1, every token after
+token 0. An average over queries that leaves out the first few (they see few keys) says so: "queries at positions
+>= min_query". Every measurement over a batch of text runs ``mean_over_sequences`` (or ``recorded``, when it
+keeps per-sequence values): batches -> record -> forward -> sum -> divide, written once.
+"""
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from sinkutils import metrics, trace
+from sinkutils import attention, metrics, models, trace
 
 
 def check_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -21,10 +28,36 @@ def check_ids(ids: torch.Tensor) -> torch.Tensor:
 
 def batches(ids: torch.Tensor, batch_size: int, desc: str, progress: bool = True):
     """``ids`` (sequences, tokens) in forward passes of ``batch_size`` sequences, with a progress bar named ``desc``
-    (none with ``progress=False``, e.g. inside a sweep that has its own): every measurement over a batch of text
-    (here, in ``structure`` and in ``comparison``) loops over this."""
+    (none with ``progress=False``, e.g. inside a sweep that has its own)."""
     chunks = check_ids(ids).split(batch_size)
     return _progress(chunks, desc, quiet=not progress or len(chunks) == 1)
+
+
+def recorded(model, ids: torch.Tensor, *quantities: str, batch_size: int = 8, desc: str, layers: list[int] | None = None,
+             sink_index: int = 0, progress: bool = True) -> Iterator[tuple[int, trace.Recorder]]:
+    """``(sequences in the batch, its recorder)`` for each forward pass of ``model`` over ``ids`` in batches of
+    ``batch_size``, recording ``quantities`` (``trace.record``'s arguments)."""
+    for chunk in batches(ids, batch_size, desc, progress):
+        with trace.record(model, *quantities, layers=layers, sink_index=sink_index) as rec:
+            model(input_ids=chunk.to(model.device))
+        yield chunk.shape[0], rec
+
+
+def mean_over_sequences(model, ids: torch.Tensor, quantities: tuple[str, ...],
+                        summed: Callable[[trace.Recorder], torch.Tensor | dict], *, batch_size: int = 8, desc: str,
+                        layers: list[int] | None = None, sink_index: int = 0, progress: bool = True):
+    """The batched measurement loop: ``summed(rec)`` gives a tensor, or a dict of tensors, summed over the sequences
+    of one batch (``rec`` recorded ``quantities``); returns their totals over ``ids`` divided by the number of
+    sequences, on the CPU (a dict stays a dict)."""
+    total, n = None, 0
+    for rows, rec in recorded(model, ids, *quantities, batch_size=batch_size, desc=desc, layers=layers,
+                              sink_index=sink_index, progress=progress):
+        part = summed(rec)
+        parts = part if isinstance(part, dict) else {None: part}
+        total = parts if total is None else {k: total[k] + v for k, v in parts.items()}
+        n += rows
+    mean = {k: (v / n).cpu() for k, v in total.items()}
+    return mean if isinstance(part, dict) else mean[None]
 
 
 def _progress(items, desc: str, quiet: bool = False):
@@ -48,7 +81,7 @@ class SinkProfile:
     per_head: torch.Tensor            # (L, H) the same per head
     sink_rate: torch.Tensor           # (L,) fraction of heads above epsilon
     first_norm: torch.Tensor          # (L,) L2 norm of token 0's input to each layer
-    other_norm: torch.Tensor          # (L,) mean L2 norm of the other tokens' inputs
+    other_norm: torch.Tensor          # (L,) mean L2 norm of the later tokens' inputs (positions 1..T-1)
     epsilon: float
     min_query: int
 
@@ -73,23 +106,21 @@ class SinkProfile:
 @torch.no_grad()
 def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int = 4,
                  batch_size: int = 8) -> SinkProfile:
-    """Attention to token 0 and token 0's input norm, per layer, averaged over the rows of ``ids``."""
-    sinks, first, other = [], [], []
-    chunks = batches(ids, batch_size, "sink profile")
-    metrics.check_min_query(min_query, ids.shape[1])
-    for chunk in chunks:
-        with trace.record(model, "attn.sink", "resid") as rec:
-            model(input_ids=chunk.to(model.device))
+    """Attention to token 0 and the input norms of token 0 and of the later tokens, per layer, averaged over the
+    rows of ``ids``."""
+    sinks, first, later = [], [], []
+    metrics.check_min_query(min_query, check_ids(ids).shape[1])
+    for _, rec in recorded(model, ids, "attn.sink", "resid", batch_size=batch_size, desc="sink profile"):
         sinks.append(rec["attn.sink"].float().cpu())
         norms = rec["resid"][:-1].float().norm(dim=-1).cpu()  # inputs of layers 0..L-1: (L, B, T)
         first.append(norms[:, :, 0])
-        other.append(norms[:, :, 1:].mean(-1))
+        later.append(norms[:, :, 1:].mean(-1))
     sink = torch.cat(sinks, dim=1)
     return SinkProfile(
         attention_to_first=metrics.mean_sink(sink, min_query),
         per_head=sink[..., min_query:].mean(dim=(1, 3)),
         sink_rate=metrics.sink_rate(sink, epsilon, min_query),
-        first_norm=torch.cat(first, 1).mean(1), other_norm=torch.cat(other, 1).mean(1),
+        first_norm=torch.cat(first, 1).mean(1), other_norm=torch.cat(later, 1).mean(1),
         epsilon=epsilon, min_query=min_query)
 
 
@@ -97,29 +128,13 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
 def attention_patterns(model, ids: torch.Tensor, layers: list[int] | None = None, length: int = 48) -> torch.Tensor:
     """(layers, heads, length, length) attention maps of the first ``length`` tokens of ``ids``' first row, for
     the chapter-1 heatmap widget: short enough that every layer and head can be pre-rendered."""
-    from sinkutils.models import check_layers
-
-    layers = check_layers(model, layers)
+    layers = models.check_layers(model, layers)
     with trace.record(model, "attn.pattern", layers=layers) as rec:
         model(input_ids=check_ids(ids)[:1, :length].to(model.device))
     return rec["attn.pattern"][:, 0].float().cpu()
 
 
 # --- chapter 2: value aggregation and the variance discrepancy (Fig 1, 23) -------------------------------
-
-def _value_hooks(model, layers: list[int], store: dict):
-    """Forward hooks storing each layer's dimension-wise value variance per head, (B, T, heads)."""
-    hooks = []
-    for l in layers:
-        attn = trace.decoder_layers(model)[l].self_attn
-        n_heads = model.config.num_attention_heads
-
-        def hook(_m, _inp, out, l=l, attn=attn, n_heads=n_heads):
-            v = metrics.dimension_variance(out.unflatten(-1, (-1, attn.head_dim)))  # (B, T, Hkv)
-            store[l] = v.repeat_interleave(n_heads // v.shape[-1], dim=-1)
-        hooks.append(attn.v_proj.register_forward_hook(hook))
-    return hooks
-
 
 @dataclasses.dataclass
 class VarianceProfile:
@@ -147,7 +162,7 @@ class VarianceProfile:
 
 
 def first_to_rest(variance: torch.Tensor) -> torch.Tensor:
-    """(layers,) the variance discrepancy: head-averaged variance of token 0 over the mean variance of
+    """(layers,) the variance discrepancy: head-averaged variance of token 0 over the mean variance of the later
     positions 1..T-1, from a (layers, heads, T) variance by position."""
     v = variance.mean(1)
     return v[:, 0] / v[:, 1:].mean(-1)
@@ -169,46 +184,35 @@ def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None, 
 
     The prediction needs the attention maps (``attn.pattern``): at most ``layers_per_pass`` layers are held
     per forward pass, one batch of ``batch_size`` sequences at a time."""
-    from sinkutils.models import check_layers
+    layers = models.check_layers(model, layers)
+    heads = model.config.num_attention_heads
 
-    layers = check_layers(model, layers)
+    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
+        head_out, pattern, values = rec["attn.head_out"], rec["attn.pattern"], rec["attn.v"]
+        got = {name: [] for name in ("measured", "predicted", "value_var", "sum_p2")}
+        for i in range(len(rec.layers)):  # head_out (G,B,T,H,D), pattern (G,B,H,T,S), values (G,B,S,Hkv,D)
+            vvar = attention.expand_kv(metrics.dimension_variance(values[i]), heads, dim=-1).transpose(1, 2).float()
+            pred, p2 = aggregation_prediction(pattern[i], vvar)  # vvar: (B, H, S)
+            for name, value in (("measured", metrics.dimension_variance(head_out[i]).transpose(1, 2)),
+                                ("predicted", pred), ("value_var", vvar), ("sum_p2", p2)):
+                got[name].append(value.sum(0))
+        return {name: torch.stack(v) for name, v in got.items()}
+
     groups = [layers[i:i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
-    sums = {name: {} for name in ("measured", "predicted", "value_var", "sum_p2")}
-    n = 0
-    for chunk in batches(ids, batch_size, "variance profile"):
-        for group in groups:
-            values: dict[int, torch.Tensor] = {}
-            hooks = _value_hooks(model, group, values)
-            try:
-                with trace.record(model, "attn.head_out", "attn.pattern", layers=group) as rec:
-                    model(input_ids=chunk.to(model.device))
-            finally:
-                for h in hooks:
-                    h.remove()
-            head_out, pattern = rec["attn.head_out"], rec["attn.pattern"]  # (G,B,T,H,D), (G,B,H,T,S)
-            for i, l in enumerate(group):
-                vvar = values[l].transpose(1, 2).float()  # (B, H, T)
-                pred, p2 = aggregation_prediction(pattern[i], vvar)
-                got = {"measured": metrics.dimension_variance(head_out[i]).transpose(1, 2), "predicted": pred,
-                       "value_var": vvar, "sum_p2": p2}
-                for name, value in got.items():
-                    sums[name][l] = sums[name].get(l, 0) + value.sum(0).cpu()
-        n += chunk.shape[0]
-    stacked = {name: torch.stack([s[l] for l in layers]) / n for name, s in sums.items()}
-    return VarianceProfile(**stacked, layers=layers)
+    means = [mean_over_sequences(model, ids, ("attn.v", "attn.head_out", "attn.pattern"), summed,
+                                 batch_size=batch_size, desc=f"variance profile, layers {group[0]}..{group[-1]}",
+                                 layers=group) for group in groups]
+    return VarianceProfile(**{name: torch.cat([m[name] for m in means]) for name in means[0]}, layers=layers)
 
 
 @torch.no_grad()
 def position_variance(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """(layers, heads, T) dimension-wise variance of per-head attention outputs, mean over sequences; no
     attention maps, so cheap at any length (chapter 3 compares it with and without an intervention)."""
-    total, n = 0, 0
-    for chunk in batches(ids, batch_size, "position variance"):
-        with trace.record(model, "attn.head_out") as rec:
-            model(input_ids=chunk.to(model.device))
-        total = total + metrics.dimension_variance(rec["attn.head_out"]).sum(1).transpose(1, 2).cpu()
-        n += chunk.shape[0]
-    return total / n
+    return mean_over_sequences(
+        model, ids, ("attn.head_out",),
+        lambda rec: metrics.dimension_variance(rec["attn.head_out"]).sum(1).transpose(1, 2),
+        batch_size=batch_size, desc="position variance")
 
 
 # --- chapter 3: moving the sink (Fig 5, 6, 19, 20) --------------------------------------------------------
@@ -221,13 +225,9 @@ def attention_to(model, ids: torch.Tensor, key: int, batch_size: int = 8, progre
     if not 0 <= key < ids.shape[-1] - 1:
         raise ValueError(f"key {key} needs later queries: choose 0..{ids.shape[-1] - 2} for sequences of "
                          f"{ids.shape[-1]} tokens")
-    total, n = 0, 0
-    for chunk in batches(ids, batch_size, f"attention to {key}", progress):
-        with trace.record(model, "attn.sink", sink_index=key) as rec:
-            model(input_ids=chunk.to(model.device))
-        total = total + rec["attn.sink"][..., key + 1:].float().mean(-1).sum(1).cpu()  # (L, H)
-        n += chunk.shape[0]
-    return total / n
+    return mean_over_sequences(model, ids, ("attn.sink",),
+                               lambda rec: rec["attn.sink"][..., key + 1:].float().mean(-1).sum(1),  # (L, H)
+                               batch_size=batch_size, desc=f"attention to {key}", sink_index=key, progress=progress)
 
 
 @dataclasses.dataclass
@@ -259,8 +259,8 @@ def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = Non
     from sinkutils import interventions
 
     k = interventions.check_position(k, ids.shape[-1], attended=True)
-    n = len(trace.decoder_layers(model))
-    layers = list(range(n)) if layers is None else sorted(interventions.check_layers(model, layers))
+    n = models.n_layers(model)
+    layers = sorted(set(models.check_layers(model, layers)))
     if min(layers) == n - 1:
         raise ValueError(f"a mask only at the last layer ({n - 1}) cannot change attention to k in any later "
                          f"layer; choose layers from 0..{n - 2}")
@@ -275,19 +275,13 @@ def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = Non
 def attention_received(model, ids: torch.Tensor, layer: int, batch_size: int = 1) -> torch.Tensor:
     """(T-1,) attention each key position 0..T-2 receives at ``layer``: mean over heads, sequences and the
     queries after it (Fig 5, 19). Holds one layer's maps for ``batch_size`` sequences at a time."""
-    from sinkutils.models import check_layer
-
-    check_layer(model, layer)
+    models.check_layer(model, layer)
     T = ids.shape[1]
     later = torch.tril(torch.ones(T, T, device=model.device), diagonal=-1)  # query t > key j
-    total, n = 0, 0
-    for chunk in batches(ids, batch_size, f"attention received, layer {layer}"):
-        with trace.record(model, "attn.pattern", layers=[layer]) as rec:
-            model(input_ids=chunk.to(model.device))
-        p = rec["attn.pattern"][0].float()  # (B, H, T, S)
-        total = total + (p * later).sum(-2).mean(1).sum(0).cpu()
-        n += chunk.shape[0]
-    return (total / n)[:-1] / later.sum(0)[:-1].cpu()
+    received = mean_over_sequences(model, ids, ("attn.pattern",),
+                                   lambda rec: (rec["attn.pattern"][0].float() * later).sum(-2).mean(1).sum(0),
+                                   batch_size=batch_size, desc=f"attention received, layer {layer}", layers=[layer])
+    return received[:-1] / later.sum(0)[:-1].cpu()
 
 
 @dataclasses.dataclass
@@ -327,7 +321,7 @@ def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied
 
     k = interventions.check_position(k, ids.shape[1], attended=True)
     lambdas = [interventions.check_lambda(lam) for lam in lambdas]
-    n = len(trace.decoder_layers(model))
+    n = models.n_layers(model)
     applied = [interventions.check_edit_layer(model, l) for l in applied]
     base = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
     curves = {mode: torch.full((len(applied), len(lambdas), n), float("nan")) for mode in interventions.INTERVENTIONS}

@@ -6,20 +6,18 @@ massive channels, effective rank), ``direction_lock`` (RMSNorm as a directional 
 (Fig 12). ``REFERENCE`` holds the values published for Llama-2-7B and Llama-3-8B that the GPU profile checks.
 
 Every formula comes from ``sinkutils.metrics``; every activation from ``sinkutils.trace`` (raw Hugging Face
-numbers). Quantities the trace does not record are recomputed from what it does, with the model's own modules:
-the FFN input is ``post_attention_layernorm(h + o_proj(head_out))``, queries and keys are ``q_proj``/``k_proj``
-of ``input_layernorm(h)`` with the model's RoPE.
+numbers: the FFN input ``mlp.in``, the post-RoPE queries and keys ``attn.q`` / ``attn.k``, the normalised input of
+attention ``attn.in``), over batches of text with ``measure.mean_over_sequences`` / ``measure.recorded``. Token 0 is
+the first token of a row; the *later* tokens are positions 1..T-1.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from sinkutils import measure, metrics, models, trace
+from sinkutils import attention, measure, metrics, models, trace
 
 #: Values published for the paper's models. Layers are 0-based module indices (``model.layers[1]``).
 REFERENCE = {
@@ -44,31 +42,9 @@ def reference_for(model_name: str) -> dict | None:
     return None
 
 
-def _layers_arg(model, layers) -> list[int]:
+def _sorted_layers(model, layers) -> list[int]:
+    """``models.check_layers``'s layers (all when None), each once, in order."""
     return sorted(set(models.check_layers(model, layers)))
-
-
-@contextlib.contextmanager
-def _record_with_inputs(model, layers: list[int], *quantities: str) -> Iterator[tuple]:
-    """Record ``quantities`` at ``layers`` and the residual stream entering each of them.
-
-    Yields ``(inputs, rec)``; after the block ``inputs()`` returns ``{layer: (B, T, d) input of layer}``."""
-    prev = sorted({l - 1 for l in layers if l > 0})
-    with contextlib.ExitStack() as stack:
-        rin = stack.enter_context(trace.record(model, "resid", layers=prev))
-        rec = stack.enter_context(trace.record(model, *quantities, layers=layers)) if quantities else None
-
-        def inputs() -> dict[int, torch.Tensor]:
-            resid = rin["resid"]  # index 0: embedding output; then the outputs of the layers in ``prev``
-            keys = [0] + [l + 1 for l in prev]
-            return {l: resid[keys.index(l)] for l in layers}
-
-        yield inputs, rec
-
-
-def _ffn_input(block, h_in: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
-    """What the block's MLP reads: post_attention_layernorm of the residual after attention."""
-    return block.post_attention_layernorm(h_in + block.self_attn.o_proj(head_out.flatten(-2)))
 
 
 # ----------------------------------------------------------------------------------------- chapter 4
@@ -101,35 +77,32 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     at the o_proj input (the per-head attention outputs): the contribution of dimension j to token 0's
     dimension-wise variance. Kendall's tau is rank-based, so |W| and W^2 give the same tau. The control uses
     the same profile of the later tokens. Also the dimension-wise variance per position before and after W_O."""
-    layers = _layers_arg(model, layers)
-    chunks = measure.batches(ids, batch_size, "W_O alignment")
-    metrics.check_min_query(min_query, ids.shape[1])
-    acc = {l: dict(first=0.0, later=0.0, vin=0.0, vout=0.0) for l in layers}
-    n = 0
+    layers = _sorted_layers(model, layers)
+    metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
     blocks = trace.decoder_layers(model)
-    for chunk in chunks:
-        with trace.record(model, "attn.head_out", layers=layers) as rec:
-            model(input_ids=chunk.to(model.device))
-        heads = rec["attn.head_out"]
+
+    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
+        heads, got = rec["attn.head_out"], {}
         for i, l in enumerate(layers):
             x = heads[i].flatten(-2)                                     # (B, T, H*D) o_proj input
             out = blocks[l].self_attn.o_proj(x).float()
             x = x.float()
             dev = (x - x.mean(-1, keepdim=True)).pow(2)
-            a = acc[l]
-            a["first"] = a["first"] + dev[:, 0].sum(0)
-            a["later"] = a["later"] + dev[:, min_query:].mean(1).sum(0)
-            a["vin"] = a["vin"] + metrics.dimension_variance(x).sum(0)
-            a["vout"] = a["vout"] + metrics.dimension_variance(out).sum(0)
-        n += chunk.shape[0]
+            got |= {(l, "first"): dev[:, 0].sum(0), (l, "later"): dev[:, min_query:].mean(1).sum(0),
+                    (l, "vin"): metrics.dimension_variance(x).sum(0),
+                    (l, "vout"): metrics.dimension_variance(out).sum(0)}
+        return got
+
+    mean = measure.mean_over_sequences(model, ids, ("attn.head_out",), summed, batch_size=batch_size,
+                                       desc="W_O alignment", layers=layers)
     result = {}
     for l in layers:
         w = blocks[l].self_attn.o_proj.weight.detach().float().abs()  # Kendall on the model's device (GPU: fast)
-        first, later = acc[l]["first"] / n, acc[l]["later"] / n
-        result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first).cpu(),
-                                tau_later=metrics.kendall_tau(w, later).cpu(), first_profile=first.cpu(),
-                                later_profile=later.cpu(), variance_in=(acc[l]["vin"] / n).cpu(),
-                                variance_out=(acc[l]["vout"] / n).cpu(), min_query=min_query)
+        first, later = mean[l, "first"], mean[l, "later"]
+        result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first.to(w.device)).cpu(),
+                                tau_later=metrics.kendall_tau(w, later.to(w.device)).cpu(), first_profile=first,
+                                later_profile=later, variance_in=mean[l, "vin"], variance_out=mean[l, "vout"],
+                                min_query=min_query)
     return result
 
 
@@ -212,7 +185,7 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
     """Fig 9: for each ``{layer: [neurons]}``, per token t the cosine between the FFN input x_t and the
     neuron's W_gate row, its raw up activation W_up[n] . x_t, and act(gate) * up from the trace; plus every
     neuron's mean |activation| on token 0 and on later tokens (one forward pass for all layers)."""
-    layers = _layers_arg(model, list(neurons))
+    layers = _sorted_layers(model, list(neurons))
     blocks = trace.decoder_layers(model)
     width = blocks[layers[0]].mlp.gate_proj.weight.shape[0]
     for l in layers:
@@ -221,13 +194,12 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
             raise ValueError(f"layer {l}: neurons {bad or neurons[l]} invalid; this FFN has neurons 0..{width - 1}")
     parts = {l: dict(cos=[], up=[], act=[], first=0.0, later=0.0) for l in layers}
     n = 0
-    for chunk in measure.batches(ids, batch_size, "neuron activity"):
-        with _record_with_inputs(model, layers, "attn.head_out", "mlp.act") as (inputs, rec):
-            model(input_ids=chunk.to(model.device))
-        h_in, heads, acts = inputs(), rec["attn.head_out"], rec["mlp.act"]
+    for rows, rec in measure.recorded(model, ids, "mlp.in", "mlp.act", batch_size=batch_size, desc="neuron activity",
+                                      layers=layers):
+        ffn_in, acts = rec["mlp.in"], rec["mlp.act"]
         for i, l in enumerate(layers):
             mlp, idx = blocks[l].mlp, neurons[l]
-            x = _ffn_input(blocks[l], h_in[l], heads[i]).float()
+            x = ffn_in[i].float()
             bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[idx].float()
             p, act = parts[l], acts[i].float()
             p["cos"].append(metrics.cosine(x[..., None, :], mlp.gate_proj.weight[idx].float()).cpu())
@@ -235,7 +207,7 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
             p["act"].append(act[..., idx].cpu())
             p["first"] = p["first"] + act[:, 0].abs().sum(0)
             p["later"] = p["later"] + act[:, 1:].abs().mean(1).sum(0)
-        n += chunk.shape[0]
+        n += rows
     return {l: NeuronActivity(layer=l, neurons=list(neurons[l]), cos_gate=torch.cat(p["cos"]),
                               up=torch.cat(p["up"]), act=torch.cat(p["act"]), first_abs=(p["first"] / n).cpu(),
                               later_abs=(p["later"] / n).cpu()) for l, p in parts.items()}
@@ -326,28 +298,20 @@ def residual_profile(model, ids: torch.Tensor, with_rank: bool = True, batch_siz
     """Fig 11 and 21: per depth, token 0's dominance ratio against later tokens', per-channel energy (which
     channels carry token 0's massive activations), norms and, with ``with_rank``, the effective rank
     (Roy & Vetterli) of each sequence's (T x d) hidden-state matrix, with and without token 0."""
-    acc = dict(first_sq=0.0, later_sq=0.0, first_dom=0.0, later_dom=0.0, first_norm=0.0, later_norm=0.0,
-               rank=0.0, rank_later=0.0)
-    n = 0
-    for chunk in measure.batches(ids, batch_size, "residual profile"):
-        with trace.record(model, "resid") as rec:
-            model(input_ids=chunk.to(model.device))
+    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
         h = rec["resid"].float()  # (L+1, B, T, d)
         dom, norm = metrics.dominance_ratio(h), h.norm(dim=-1)
         parts = dict(first_sq=h[:, :, 0].pow(2).sum(1), later_sq=h[:, :, 1:].pow(2).mean(2).sum(1),
-                     first_dom=dom[:, :, 0].sum(1), later_dom=dom[:, :, 1:].mean(2).sum(1),
+                     first_dominance=dom[:, :, 0].sum(1), later_dominance=dom[:, :, 1:].mean(2).sum(1),
                      first_norm=norm[:, :, 0].sum(1), later_norm=norm[:, :, 1:].mean(2).sum(1))
         if with_rank:
-            parts["rank"] = metrics.effective_rank(h).sum(1)
-            parts["rank_later"] = metrics.effective_rank(h[:, :, 1:]).sum(1)
-        for key, value in parts.items():
-            acc[key] = acc[key] + value
-        n += chunk.shape[0]
-    mean = {k: (v / n).cpu() if torch.is_tensor(v) else None for k, v in acc.items()}
-    return ResidualProfile(first_sq=mean["first_sq"], later_sq=mean["later_sq"], first_dominance=mean["first_dom"],
-                           later_dominance=mean["later_dom"], first_norm=mean["first_norm"],
-                           later_norm=mean["later_norm"], effective_rank=mean["rank"],
-                           effective_rank_later=mean["rank_later"])
+            parts["effective_rank"] = metrics.effective_rank(h).sum(1)
+            parts["effective_rank_later"] = metrics.effective_rank(h[:, :, 1:]).sum(1)
+        return parts
+
+    mean = measure.mean_over_sequences(model, ids, ("resid",), summed, batch_size=batch_size,
+                                       desc="residual profile")
+    return ResidualProfile(**{"effective_rank": None, "effective_rank_later": None} | mean)
 
 
 def massive_dimensions(model, ids: torch.Tensor, layer: int, k: int = 2, batch_size: int = 8) -> list[int]:
@@ -394,12 +358,10 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
         raise ValueError("need at least two sequences to compare directions")
     blocks = trace.decoder_layers(model)
     states = {0: [], position: []}
-    for chunk in measure.batches(ids, batch_size, "direction lock"):
-        with trace.record(model, "resid") as rec:
-            model(input_ids=chunk.to(model.device))
-        h = rec["resid"][:-1]  # inputs of layers 0..L-1
+    for _, rec in measure.recorded(model, ids, "attn.in", batch_size=batch_size, desc="direction lock"):
+        x = rec["attn.in"]  # (L, B, T, d): input_layernorm of each layer's input
         for p in states:
-            states[p].append(torch.stack([blocks[l].input_layernorm(h[l, :, p]) for l in range(len(blocks))]))
+            states[p].append(x[:, :, p])
     out = {}
     for p, parts in states.items():
         x = torch.cat(parts, dim=1)  # (L, N, d) normalised inputs
@@ -408,14 +370,6 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
         out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
     return DirectionLock(position=position, first_cos=out[0][0], other_cos=out[position][0],
                          first_key_cos=out[0][1], other_key_cos=out[position][1], n_sequences=ids.shape[0])
-
-
-def _apply_rope(model, q: torch.Tensor, k: torch.Tensor, x: torch.Tensor):
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    positions = torch.arange(q.shape[2], device=q.device)[None]
-    cos, sin = model.model.rotary_emb(x, positions)
-    return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def query_principal_directions(model, layer: int) -> torch.Tensor:
@@ -429,19 +383,20 @@ def query_principal_directions(model, layer: int) -> torch.Tensor:
 @torch.no_grad()
 def sink_logits(model, ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer ``(logits (B, H, T), sink_keys (B, H, D))``: q_t . k_0 with post-RoPE queries and the sink key
-    (unscaled: the sign is what Fig 12 counts), recomputed from the layer's input with the model's modules."""
-    layers = _layers_arg(model, layers)
-    blocks = trace.decoder_layers(model)
-    with _record_with_inputs(model, layers) as (inputs, _):
+    (unscaled: the sign is what Fig 12 counts), from the trace's ``attn.q`` and ``attn.k`` in one forward pass."""
+    layers = _sorted_layers(model, layers)
+    with trace.record(model, "attn.q", "attn.k", layers=layers) as rec:
         model(input_ids=measure.check_ids(ids).to(model.device))
+    return _sink_logits(rec)
+
+
+def _sink_logits(rec: trace.Recorder) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``sink_logits`` of the layers ``rec`` holds ``attn.q`` and ``attn.k`` for."""
+    queries, keys = rec["attn.q"], rec["attn.k"]  # (layers, B, T, H, D), (layers, B, T, Hkv, D)
     out = {}
-    for l, h in inputs().items():
-        attn = blocks[l].self_attn
-        x = blocks[l].input_layernorm(h)
-        q = attn.q_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = _apply_rope(model, q, k, x)
-        k0 = k[:, :, 0].float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, D)
+    for i, l in enumerate(rec.layers):
+        q = queries[i].transpose(1, 2)  # (B, H, T, D)
+        k0 = attention.expand_kv(keys[i][:, 0].float(), q.shape[1])  # (B, H, D)
         out[l] = ((q.float() * k0[:, :, None]).sum(-1).cpu(), k0.cpu())
     return out
 
@@ -471,19 +426,17 @@ def qk_locking(model, ids: torch.Tensor, layers: list[int] | None = None, min_qu
     (``query_principal_directions``; the sign of a singular vector is arbitrary, hence |cos|); positivity =
     fraction of queries t >= 1 whose logit q_t . k_0 toward token 0 is positive (post-RoPE); and the head's
     mean attention to token 0 from the trace. Alignment is averaged over sequences."""
-    layers = _layers_arg(model, layers)
-    chunks = measure.batches(ids, batch_size, "QK locking")
-    metrics.check_min_query(min_query, ids.shape[1])
+    layers = _sorted_layers(model, layers)
+    metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
     dirs = {l: query_principal_directions(model, l) for l in layers}
     align, pos, sinks = {l: 0.0 for l in layers}, {l: 0.0 for l in layers}, []
     n = 0
-    for chunk in chunks:
-        with trace.record(model, "attn.sink", layers=layers) as rec:
-            logits = sink_logits(model, chunk, layers)
+    for rows, rec in measure.recorded(model, ids, "attn.sink", "attn.q", "attn.k", batch_size=batch_size,
+                                      desc="QK locking", layers=layers):
         sinks.append(rec["attn.sink"][..., min_query:].float().mean(-1).cpu())  # (layers, B, H)
-        for l, (s, k0) in logits.items():
+        for l, (s, k0) in _sink_logits(rec).items():
             align[l] = align[l] + metrics.cosine(k0, dirs[l]).abs().sum(0)
             pos[l] = pos[l] + metrics.positivity_ratio(s[..., 1:]).sum(0)
-        n += chunk.shape[0]
+        n += rows
     return QKLocking(layers=layers, alignment=torch.stack([align[l] / n for l in layers]),
                      positivity=torch.stack([pos[l] / n for l in layers]), sink=torch.cat(sinks, 1).mean(1))
