@@ -1,16 +1,18 @@
 """Assignments: one source per chapter, two editions, and a grader (``book/assignments.md`` says how to use them).
 
-    python -m sinkutils.assign student                   # assignments/student/NN_*.ipynb from assignments/NN_*.ipynb
-    python -m sinkutils.assign student --check           # exit 1 when the committed student editions are stale
+    python -m sinkutils.assign student                   # the sources' shared opening, then assignments/student/
+    python -m sinkutils.assign student --check           # exit 1 when an opening or a student edition is stale
     python -m sinkutils.assign grade SUBMISSIONS --out grades.csv --timeout 120
     python -m sinkutils.assign nbgrader COURSE/          # an nbgrader course folder from the same sources
     python -m sinkutils.assign list                      # every assignment's exercises
 
-The source ``assignments/NN_*.ipynb`` is the instructor edition: each exercise is a cell tagged ``solution``
-(function definitions with docstrings) and a cell tagged ``check`` that calls ``sinkutils.exercises``. The
-student edition keeps every cell but turns each solution into a stub: the same signature and docstring, and
-a body that raises NotImplementedError. The checks print "not implemented yet" for a stub, so the student
-edition runs top to bottom.
+The source ``assignments/NN_*.ipynb`` is the instructor edition: its title and introduction, the opening every
+assignment shares (``opening_cells``: how the exercises work, the Colab set-up, the parameters, the imports and
+the model; written into every source from here), then each exercise: a cell tagged ``solution`` (function
+definitions with docstrings) and a cell tagged ``check`` that calls ``sinkutils.exercises``. The student edition
+keeps every cell but turns each solution into a stub: the same signature and docstring, and a body that raises
+NotImplementedError. The checks print "not implemented yet" for a stub, so the student edition runs top to
+bottom.
 
 Grading trusts outputs only. Each submission runs in a fresh kernel (papermill, errors allowed so that one
 broken cell does not hide the other exercises), then a cell the grader appends calls the submission's
@@ -59,6 +61,83 @@ MAX_OUTPUTS_BYTES = 32 * 2 ** 20
 def sources(root: Path = SOURCES) -> list[Path]:
     """The instructor editions, ``NN_name.ipynb``, in order."""
     return sorted(root.glob("[0-9][0-9]_*.ipynb"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The opening every assignment shares
+# ------------------------------------------------------------------------------------------------------------
+
+#: what every assignment says under its own title and introduction
+HOW_IT_WORKS = """\
+**How this works.** Each exercise asks for one function, defined in the code cell right under the
+exercise's text; in the student edition its body is `raise NotImplementedError`, and you write it. The cell after
+it checks your function on small prepared inputs against the book's reference in `sinkutils`. A wrong result
+stops with a hint that names the mistake it sees (wrong axis, causal mask missing, ...); a stub says "not
+implemented yet". Once the check passes, the same cell runs your function on the embedded model `sinkbook-tiny`."""
+#: the parameters cell (papermill's ``parameters`` tag): what the functions run on once they pass
+PARAMETERS = """\
+model_name = "sinkbook-tiny"  # the model your functions run on once they pass (a local folder or hub name works too)
+n_texts = 8                   # sequences of text
+seq_len = 128                 # tokens per sequence, BOS included
+seed = 0"""
+#: the imports every check cell may use, and the model and token batch they run the student's functions on
+LOAD = """\
+import math
+
+import torch
+from sinkutils import data, exercises, interventions, measure, models, structure, trace
+
+model, tokenizer = models.load(model_name)
+ids = data.token_batch(tokenizer, data.python_docs(), n=n_texts, length=seq_len, seed=seed)
+print(f"{model_name}: {models.n_layers(model)} layers x {model.config.num_attention_heads} heads; "
+      f"{ids.shape[0]} sequences of {ids.shape[1]} tokens")"""
+#: the opening cells' ids (fixed, so that a source's opening is found wherever an edit moved it)
+OPENING_IDS = ("how-it-works", "set-up", "parameters", "load")
+
+
+def setup_source() -> str:
+    """The Colab set-up cell: the chapters' own (their first code cell, the same in every chapter and run in a
+    simulated Colab by ``tests/test_colab.py``; ``sinkutils.release`` keeps its install spec)."""
+    first = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))[0]
+    return next(c.source for c in nbformat.read(first, as_version=4).cells if c.cell_type == "code")
+
+
+def opening_cells() -> list[nbformat.NotebookNode]:
+    """The cells every assignment has right after its title and introduction: how the exercises work, the Colab
+    set-up, the parameters, and the imports with the model the checks run on."""
+    new_md, new_code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    cells = [new_md(HOW_IT_WORKS), new_code(setup_source()),
+             new_code(PARAMETERS, metadata={"tags": ["parameters"]}), new_code(LOAD)]
+    for cell, cell_id in zip(cells, OPENING_IDS):
+        cell.id = cell_id
+    return cells
+
+
+def with_opening(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy of the source ``nb`` whose opening is ``opening_cells``: right after its first cell (the title and
+    introduction), in place of any earlier copy of those cells (found by their ids)."""
+    out = copy.deepcopy(nb)
+    rest = [c for c in out.cells if c.get("id") not in OPENING_IDS]
+    out.cells = rest[:1] + opening_cells() + rest[1:]
+    return out
+
+
+def stale_openings(root: Path = SOURCES) -> list[str]:
+    """Names of the sources whose opening cells differ from ``opening_cells``."""
+    return [src.stem for src in sources(root)
+            if (nb := nbformat.read(src, as_version=4)) != with_opening(nb)]
+
+
+def write_openings(root: Path = SOURCES) -> list[Path]:
+    """Rewrite the opening cells of every source from ``opening_cells``; returns the sources changed."""
+    changed = []
+    for src in sources(root):
+        nb = nbformat.read(src, as_version=4)
+        want = with_opening(nb)
+        if want != nb:
+            nbformat.write(want, src)
+            changed.append(src)
+    return changed
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -746,9 +825,10 @@ def main(argv: list[str] | None = None) -> int:
     p = _Parser(prog="python -m sinkutils.assign", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("student", help="write the student editions")
+    s = sub.add_parser("student", help="write the sources' shared opening cells, then the student editions")
     s.add_argument("--out", type=Path, default=STUDENT, help=f"folder (default {STUDENT.relative_to(ROOT)})")
-    s.add_argument("--check", action="store_true", help="write nothing; exit 1 if the editions in --out are stale")
+    s.add_argument("--check", action="store_true", help="write nothing; exit 1 if a source's opening or an edition "
+                   "in --out is stale")
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks into a CSV, each in a sandbox")
     g.add_argument("submissions", type=Path)
     g.add_argument("--out", type=Path, default=Path("grades.csv"))
@@ -773,13 +853,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "student":
         if args.check:
-            stale = stale_student_editions(args.out)
+            openings, stale = stale_openings(), stale_student_editions(args.out)
+            if openings:
+                print(f"sources whose opening cells differ from assign.opening_cells: {openings}")
             if stale:
-                print(f"stale student editions in {args.out}: {stale}; run python -m sinkutils.assign student")
+                print(f"stale student editions in {args.out}: {stale}")
+            if openings or stale:
+                print("run: python -m sinkutils.assign student")
                 return 1
-            print(f"student editions in {args.out} are up to date")
+            print(f"the sources' openings and the student editions in {args.out} are up to date")
             return 0
-        for path in write_student_editions(args.out):
+        for path in write_openings() + write_student_editions(args.out):
             print(path)
     elif args.command == "grade":
         try:

@@ -1,9 +1,10 @@
-"""The assignments (``assignments/``, ``sinkutils.exercises``, ``sinkutils.assign``).
+"""The assignments (``assignments/``, the ``sinkutils.exercises`` package, ``sinkutils.assign``).
 
 Every check accepts the book's reference and recognises realistic wrong implementations by their hint; the
 student edition holds stubs only and executes under papermill; the instructor edition executes with every check
 passing. The grader's tests are in ``tests/test_grader.py``.
 """
+import copy
 import math
 import os
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from sinkutils import assign, book, exercises, interventions, measure, metrics, models, structure, trace, variants
+from sinkutils.exercises import (ch1_sink, ch2_variance, ch3_interventions, ch4_super_neurons, ch5_disparity,
+                                 ch6_headwise)
 
 needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "config.json").exists(),
                                  reason="embedded model sinkbook-tiny not trained yet")
@@ -48,9 +51,6 @@ REFERENCES = {
 
 # Wrong implementations as students write them, each with (part of) the hint its check must give.
 T_ = lambda x: x.transpose(-1, -2)  # noqa: E731
-
-T_ = lambda x: x.transpose(-1, -2)
-
 
 
 def causal(T):
@@ -218,6 +218,20 @@ WRONG["effective_rank"] = {
 }
 
 
+CHAPTER_MODULES = [ch1_sink, ch2_variance, ch3_interventions, ch4_super_neurons, ch5_disparity, ch6_headwise]
+
+
+def test_each_chapter_module_holds_its_assignments_exercises_and_their_checks():
+    assert [m.CHAPTER for m in CHAPTER_MODULES] == exercises.chapters()
+    for module in CHAPTER_MODULES:
+        for ex in exercises.of_chapter(module.CHAPTER):
+            assert ex.diagnose.__module__ == module.__name__, ex.name
+            check = getattr(exercises, f"check_{ex.name}")
+            assert check is getattr(module, f"check_{ex.name}") and f"check_{ex.name}" in exercises.__all__
+    assert sorted(n for n in exercises.__all__ if n.startswith("check_")) == \
+        sorted(f"check_{name}" for name in exercises.EXERCISES)
+
+
 def test_every_exercise_has_a_reference_and_at_least_three_mistakes():
     assert set(REFERENCES) == set(exercises.EXERCISES) == set(WRONG)
     assert all(len(WRONG[name]) >= 3 for name in WRONG)
@@ -368,17 +382,41 @@ def test_committed_student_editions_are_up_to_date(tmp_path):
     assert assign.stale_student_editions(tmp_path) == [p.stem for p in assign.sources()]
     assert assign.main(["student", "--out", str(tmp_path)]) == 0
     assert assign.stale_student_editions(tmp_path) == []
+    assert assign.main(["student", "--check", "--out", str(tmp_path)]) == 0
+
+
+def test_every_source_opens_with_the_shared_cells():
+    """Cells 1-4 of every source are ``assign.opening_cells`` (how it works, set-up, parameters, load), and
+    the set-up cell is the chapters' own."""
+    assert assign.stale_openings() == [], "run: python -m sinkutils.assign student"
+    opening = assign.opening_cells()
+    for chapter in sorted((book.ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")):
+        setup = next(c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code")
+        assert setup.source == opening[1].source, f"{chapter.stem}: the assignments' set-up cell is the chapters'"
+    for path in assign.sources():
+        cells = nbformat.read(path, as_version=4).cells
+        assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# Assignment ")
+        assert cells[1:5] == opening, path.stem
+        assert not any(c.get("id") in assign.OPENING_IDS for c in cells[5:])
+
+
+def test_with_opening_inserts_the_shared_cells_or_replaces_an_edited_copy():
+    source = nbformat.read(assign.sources()[0], as_version=4)
+    bare = copy.deepcopy(source)
+    bare.cells = [c for c in bare.cells if c.id not in assign.OPENING_IDS]
+    assert assign.with_opening(bare) == source  # a new assignment: written after its title
+    edited = copy.deepcopy(source)
+    edited.cells[2].source += "\n# an edit"
+    edited.cells.append(edited.cells.pop(4))     # the load cell moved to the end
+    assert assign.with_opening(edited) == source
 
 
 def test_sources_are_laid_out_as_the_tools_expect():
-    chapter_setup = next(c for c in nbformat.read(book.ROOT / "chapters" / "01_sink.ipynb", 4).cells
-                         if c.cell_type == "code").source
     assert [p.stem for p in assign.sources()] == exercises.chapters() == book.assignments()
     for path in assign.sources():
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert nb.metadata["sinkbook"] == {"assignment": path.stem, "edition": "instructor"}
-        assert code[0].source == chapter_setup, f"{path.stem}: the Colab set-up cell must be the chapters' own"
         assert "parameters" in code[1].metadata.get("tags", [])
         assert not any(c.get("outputs") for c in code), f"{path.stem} is committed with outputs"
         tagged = [(c.metadata.get("tags", [""])[0], c.source) for c in code if c.metadata.get("tags")][1:]
