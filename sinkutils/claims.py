@@ -138,7 +138,7 @@ def norm_spike_with_sink(model, ids: torch.Tensor, *, epsilon: float = SINK, min
     """Fig 3, 18: token 0's input norm jumps most entering the layer where the sink appears."""
     p = _sink_profile(model, ids, epsilon, min_query, batch_size, profile)
     spike, start = p.norm_spike_layer, p.sink_layer
-    ratio = float(p.first_norm[spike] / p.other_norm[spike])
+    ratio = float(p.first_norm[spike] / p.later_norm[spike])
     return Claim("norm_spike_with_sink", 1, "Fig 3, 18", "token 0's norm spikes in the layer where the sink appears",
                  "the layer of the largest jump of token 0's input norm is the sink layer",
                  {"norm_spike_layer": spike, "sink_layer": start, "norm_ratio": ratio},
@@ -157,13 +157,13 @@ def _variance_layer(model, ids, layer, batch_size) -> int:
 def variance_discrepancy(model, ids: torch.Tensor, *, layer: int | None = None, batch_size: int = 8,
                          variance: torch.Tensor | None = None) -> Claim:
     """Fig 1, 23: token 0's attention output (before W_O) is a variance outlier: its dimension-wise variance is
-    more than ``OUTLIER`` times the mean of positions 1..T-1 (``measure.first_to_rest``) in ``layer`` (default:
+    more than ``OUTLIER`` times the mean of positions 1..T-1 (``measure.first_over_later``) in ``layer`` (default:
     the layer before token 0's norm spike, ``SinkProfile.variance_layer``). ``variance``: a (layers, heads, T)
     ``measure.position_variance`` already measured on ``ids``."""
     layer = _variance_layer(model, ids, layer, batch_size)
     if variance is None:
         variance = measure.position_variance(model, ids, batch_size=batch_size)
-    ratio = measure.first_to_rest(variance)
+    ratio = measure.first_over_later(variance)
     r = float(ratio[layer])
     return Claim("variance_discrepancy", 2, "Fig 1, 23", "token 0's attention output is a variance outlier",
                  f"in layer {layer} token 0's dimension-wise variance over the mean of later positions is above "
@@ -420,7 +420,7 @@ def rmsnorm_locks_direction(model, ids: torch.Tensor, *, position: int | None = 
     if after >= n:
         return Claim("rmsnorm_locks_direction", 5, "Sec 5", statement, criterion, {}, f"no layer after the disparity "
                      f"layer {after - 1}", None)
-    state, key, other = float(lock.first_cos[after]), float(lock.first_key_cos[after]), float(lock.other_cos[after])
+    state, key, other = float(lock.first_cos[after]), float(lock.first_key_cos[after]), float(lock.position_cos[after])
     return Claim("rmsnorm_locks_direction", 5, "Sec 5", statement, criterion,
                  {"layer": after, "token0": state, "token0_key": key, "other": other, "position": lock.position},
                  f"input of layer {after}: cosine {state:+.2f} (key {key:+.2f}) against {other:+.2f} for token "
@@ -544,8 +544,8 @@ def headwise_converges_faster(profiles: dict[str, comparison.VariantProfile]) ->
 def gate_removes_variance_discrepancy(profiles: dict[str, comparison.VariantProfile], *, layer: int = 1) -> Claim:
     """Fig 23: the baseline's token 0 is a variance outlier in ``layer`` (over ``OUTLIER`` x the later positions'
     attention-output variance) and gated attention brings the ratio below ``REMOVED`` of the baseline's."""
-    b = float(profiles["baseline"].variance_first_to_rest()[layer])
-    g = float(profiles["gated"].variance_first_to_rest()[layer])
+    b = float(profiles["baseline"].variance_first_over_later()[layer])
+    g = float(profiles["gated"].variance_first_over_later()[layer])
     return Claim("gate_removes_variance_discrepancy", 6, "Fig 23", "gated attention removes the variance discrepancy",
                  f"in layer {layer} the baseline's ratio above {OUTLIER:g}, the gated model's below {REMOVED:g} of it",
                  {"layer": layer, "baseline": b, "gated": g},

@@ -79,7 +79,7 @@ class VariantProfile:
     log: list[dict]                   # training log: step, tokens, train_loss, val_loss, sink_per_layer
     trained: dict                     # what training ended with: step, tokens_seen, train_seconds ({} if unknown)
 
-    def variance_first_to_rest(self) -> torch.Tensor:
+    def variance_first_over_later(self) -> torch.Tensor:
         """(L,) token 0's attention-output variance over the mean of later positions' (the discrepancy)."""
         return self.output_variance[:, 0] / self.output_variance[:, 1:].mean(-1)
 

@@ -81,7 +81,7 @@ class SinkProfile:
     per_head: torch.Tensor            # (L, H) the same per head
     sink_rate: torch.Tensor           # (L,) fraction of heads above epsilon
     first_norm: torch.Tensor          # (L,) L2 norm of token 0's input to each layer
-    other_norm: torch.Tensor          # (L,) mean L2 norm of the later tokens' inputs (positions 1..T-1)
+    later_norm: torch.Tensor          # (L,) mean L2 norm of the later tokens' inputs (positions 1..T-1)
     epsilon: float
     min_query: int
 
@@ -120,7 +120,7 @@ def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int 
         attention_to_first=metrics.mean_sink(sink, min_query),
         per_head=sink[..., min_query:].mean(dim=(1, 3)),
         sink_rate=metrics.sink_rate(sink, epsilon, min_query),
-        first_norm=torch.cat(first, 1).mean(1), other_norm=torch.cat(later, 1).mean(1),
+        first_norm=torch.cat(first, 1).mean(1), later_norm=torch.cat(later, 1).mean(1),
         epsilon=epsilon, min_query=min_query)
 
 
@@ -148,9 +148,9 @@ class VarianceProfile:
     sum_p2: torch.Tensor     # sum_j p_tj^2: 1 for token 0, 1/(t+1) under uniform attention
     layers: list[int]
 
-    def first_to_rest(self) -> torch.Tensor:
-        """(layers,) see ``first_to_rest``."""
-        return first_to_rest(self.measured)
+    def first_over_later(self) -> torch.Tensor:
+        """(layers,) see ``first_over_later``."""
+        return first_over_later(self.measured)
 
     def decay_slope(self, which: str = "measured") -> torch.Tensor:
         """(layers,) least-squares slope of log variance against log(t+1) over positions t >= 1, heads
@@ -161,7 +161,7 @@ class VarianceProfile:
         return ((v - v.mean(-1, keepdim=True)) * x).sum(-1) / x.pow(2).sum()
 
 
-def first_to_rest(variance: torch.Tensor) -> torch.Tensor:
+def first_over_later(variance: torch.Tensor) -> torch.Tensor:
     """(layers,) the variance discrepancy: head-averaged variance of token 0 over the mean variance of the later
     positions 1..T-1, from a (layers, heads, T) variance by position."""
     v = variance.mean(1)

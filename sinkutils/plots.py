@@ -56,7 +56,7 @@ def sink_and_norm(profile, title: str = "") -> plt.Figure:
     ax.set_ylim(0, 1)
     ax2 = ax.twinx()
     ax2.plot(layers, profile.first_norm, "s--", color=COLORS["norm"], label="token 0 input norm")
-    ax2.plot(layers, profile.other_norm, ":", color=COLORS["other"], label="other tokens' input norm")
+    ax2.plot(layers, profile.later_norm, ":", color=COLORS["other"], label="other tokens' input norm")
     ax2.set_ylabel("L2 norm of layer input", color=COLORS["norm"])
     ax2.spines["right"].set_visible(True)
     ax2.grid(False)

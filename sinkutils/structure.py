@@ -337,9 +337,9 @@ class DirectionLock:
 
     position: int
     first_cos: torch.Tensor      # (L,) mean pairwise cosine across sequences of token 0's normalised input
-    other_cos: torch.Tensor      # (L,) the same for the token at ``position``
+    position_cos: torch.Tensor      # (L,) the same for the token at ``position``
     first_key_cos: torch.Tensor  # (L,) mean over key heads of the pairwise cosine of token 0's key
-    other_key_cos: torch.Tensor  # (L,) the same for the token at ``position``
+    position_key_cos: torch.Tensor  # (L,) the same for the token at ``position``
     n_sequences: int
 
 
@@ -368,8 +368,8 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
         keys = torch.stack([blocks[l].self_attn.k_proj(x[l]) for l in range(len(blocks))])  # (L, N, Hkv*D)
         keys = keys.unflatten(-1, (-1, blocks[0].self_attn.head_dim)).transpose(1, 2)  # (L, Hkv, N, D)
         out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
-    return DirectionLock(position=position, first_cos=out[0][0], other_cos=out[position][0],
-                         first_key_cos=out[0][1], other_key_cos=out[position][1], n_sequences=ids.shape[0])
+    return DirectionLock(position=position, first_cos=out[0][0], position_cos=out[position][0],
+                         first_key_cos=out[0][1], position_key_cos=out[position][1], n_sequences=ids.shape[0])
 
 
 def query_principal_directions(model, layer: int) -> torch.Tensor:

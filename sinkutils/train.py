@@ -523,7 +523,7 @@ def ship(out_dir: str, name: str, dest_root: Path | None = None, notes: str = ""
                "attention_to_first": [round(x, 4) for x in prof.attention_to_first.tolist()],
                "sink_rate": [round(x, 3) for x in prof.sink_rate.tolist()],
                "first_norm": [round(x, 2) for x in prof.first_norm.tolist()],
-               "other_norm": [round(x, 2) for x in prof.other_norm.tolist()]}
+               "other_norm": [round(x, 2) for x in prof.later_norm.tolist()]}
     (dest / "training.json").write_text(json.dumps({"config": saved["config"], "metrics": metrics,
                                                     "log": saved["log"]}, indent=1))
     corpus = json.loads((Path(cfg.data_dir) / "corpus.json").read_text())

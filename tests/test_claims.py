@@ -22,7 +22,7 @@ def test_early_layers_are_the_first_half_rounded_up():
 def sink_profile(attention: list[float], first_norm: list[float]) -> measure.SinkProfile:
     a, n = torch.tensor(attention), torch.tensor(first_norm)
     return measure.SinkProfile(attention_to_first=a, per_head=a[:, None], sink_rate=a, first_norm=n,
-                               other_norm=torch.ones_like(n), epsilon=0.3, min_query=4)
+                               later_norm=torch.ones_like(n), epsilon=0.3, min_query=4)
 
 
 def test_sink_from_some_layer_on_needs_every_layer_from_the_sink_layer_at_the_threshold():
@@ -121,7 +121,7 @@ def variant(attention=(0.1,), share=None, dominance=(1.0,), rank=(1.0,), ratio=(
     return types.SimpleNamespace(attention_to_first=torch.tensor(attention),
                                  first_share=torch.tensor(share if share is not None else attention),
                                  first_dominance=torch.tensor(dominance), effective_rank=torch.tensor(rank),
-                                 variance_first_to_rest=lambda: torch.tensor(ratio), log=list(log))
+                                 variance_first_over_later=lambda: torch.tensor(ratio), log=list(log))
 
 
 def test_comparison_claims_against_the_baseline():

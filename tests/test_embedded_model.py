@@ -41,7 +41,7 @@ def test_a_middle_layer_sinks_with_every_head_after_token0_norm_jumps(profile):
     peak = int(a.argmax())
     assert peak >= 2 and a[peak] >= 0.3 and profile.sink_rate[peak] >= 0.75, a.tolist()
     assert (a[:2] < 0.1).all(), a.tolist()
-    assert (profile.first_norm[1:peak + 1] > 3 * profile.other_norm[1:peak + 1]).all()
+    assert (profile.first_norm[1:peak + 1] > 3 * profile.later_norm[1:peak + 1]).all()
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def test_norm_spikes_where_the_sink_appears(request, tiny_model, profile):
 
 def test_token0_norm_spikes_no_later_than_the_sink(profile):
     """The paper sees both in the same layer; here the norm jumps entering layer 1, before the sink layer."""
-    first, other = profile.first_norm, profile.other_norm
+    first, other = profile.first_norm, profile.later_norm
     l = profile.sink_layer
     assert profile.norm_spike_layer <= l, (first.tolist(), profile.attention_to_first.tolist())
     assert (first[l:] > 3 * other[l:]).all(), (first.tolist(), other.tolist())

@@ -57,7 +57,7 @@ def test_discrepancy_and_decay_summaries():
     var = (1 / torch.arange(1, 33)).repeat(2, 3, 1)  # (L, H, T): exactly var(v) / (t + 1)
     prof = measure.VarianceProfile(var, var, var, var, [0, 1])
     torch.testing.assert_close(prof.decay_slope(), torch.tensor([-1.0, -1.0]))
-    torch.testing.assert_close(measure.first_to_rest(var), 1 / (1 / torch.arange(2, 33)).mean().repeat(2))
+    torch.testing.assert_close(measure.first_over_later(var), 1 / (1 / torch.arange(2, 33)).mean().repeat(2))
 
 
 # --- chapter 3 ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_direction_lock_sees_a_shared_massive_coordinate():
     ids = torch.randint(30, 97, (16, 12), generator=torch.Generator().manual_seed(4))
     ids[:, 0] = torch.arange(5, 21)
     lock = structure.direction_lock(model, ids, position=6)
-    assert lock.first_cos[0] > 0.95 and lock.other_cos[0] < 0.3
+    assert lock.first_cos[0] > 0.95 and lock.position_cos[0] < 0.3
     assert lock.first_key_cos[0] > 0.9
     assert lock.first_cos.shape == (3,) and lock.n_sequences == 16
 
