@@ -142,7 +142,7 @@ def norm_spike_with_sink(model, ids: torch.Tensor, *, epsilon: float = SINK, min
     return Claim("norm_spike_with_sink", 1, "Fig 3, 18", "token 0's norm spikes in the layer where the sink appears",
                  "the layer of the largest jump of token 0's input norm is the sink layer",
                  {"norm_spike_layer": spike, "sink_layer": start, "norm_ratio": ratio},
-                 f"the norm jumps entering layer {spike} ({ratio:.1f}x the other tokens'), the sink starts at layer "
+                 f"the norm jumps entering layer {spike} ({ratio:.1f}x the later tokens'), the sink starts at layer "
                  f"{start}", spike == start, "the same layer, Llama-2-7B (Fig 3) and Llama-3-8B (Fig 18)")
 
 
@@ -396,7 +396,7 @@ def token0_dominance_stands_out(model, ids: torch.Tensor, *, batch_size: int = 8
     p = _residual(model, ids, batch_size, profile)
     d = p.disparity_layer + 1
     first, later = float(p.first_dominance[d]), float(p.later_dominance[d])
-    return Claim("token0_dominance_stands_out", 5, "Fig 11", "after it token 0's dominance ratio dwarfs the others'",
+    return Claim("token0_dominance_stands_out", 5, "Fig 11", "after it token 0's dominance ratio dwarfs the later tokens'",
                  f"at least {DOMINANCE_GAP:g}x the later tokens' after layer {d - 1}",
                  {"layer": d - 1, "token0": first, "later": later},
                  f"{first:.1f} against {later:.1f} after layer {d - 1}", first >= DOMINANCE_GAP * later)

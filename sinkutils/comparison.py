@@ -80,8 +80,9 @@ class VariantProfile:
     trained: dict                     # what training ended with: step, tokens_seen, train_seconds ({} if unknown)
 
     def variance_first_over_later(self) -> torch.Tensor:
-        """(L,) token 0's attention-output variance over the mean of later positions' (the discrepancy)."""
-        return self.output_variance[:, 0] / self.output_variance[:, 1:].mean(-1)
+        """(L,) token 0's attention-output variance over the mean of the later positions' (the discrepancy,
+        ``measure.first_over_later``)."""
+        return measure.first_over_later(self.output_variance[:, None])
 
     def val_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens seen, validation loss) at every evaluation of training (Fig 16)."""

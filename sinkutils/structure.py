@@ -58,13 +58,14 @@ class WOAlignment:
     tau: torch.Tensor            # (hidden,) Kendall tau of |W_O[i, :]| with token 0's profile, per output neuron i
     tau_later: torch.Tensor      # (hidden,) the same with the later tokens' profile (control)
     first_profile: torch.Tensor  # (H*D,) token 0's per-dimension contribution to its dimension-wise variance
-    later_profile: torch.Tensor  # (H*D,) the same for tokens at positions >= min_query
+    later_profile: torch.Tensor  # (H*D,) the same for the later tokens, those at positions >= min_query
     variance_in: torch.Tensor    # (T,) dimension-wise variance of the o_proj input per position
     variance_out: torch.Tensor   # (T,) dimension-wise variance of the o_proj output per position
     min_query: int
 
     def ratio(self, which: str = "in") -> float:
-        """Token 0's dimension-wise variance over the mean of positions >= min_query, before/after W_O."""
+        """Token 0's dimension-wise variance over the mean of the later positions >= min_query, before/after
+        W_O."""
         v = self.variance_in if which == "in" else self.variance_out
         return float(v[0] / v[self.min_query:].mean())
 
@@ -172,7 +173,7 @@ class NeuronActivity:
         return self.first_abs[idx] / self.later_abs[idx].clamp_min(1e-12)
 
     def summary(self, i: int = 0) -> dict[str, float]:
-        """Token 0 against the rest for the i-th chosen neuron: cosine, up activation, |act|."""
+        """Token 0 against the later tokens for the i-th chosen neuron: cosine, up activation, |act|."""
         c, u, a = self.cos_gate[..., i], self.up[..., i], self.act[..., i].abs()
         return {"cos_first": float(c[:, 0].mean()), "cos_later": float(c[:, 1:].mean()),
                 "up_first": float(u[:, 0].mean()), "up_later_abs": float(u[:, 1:].abs().mean()),
@@ -268,7 +269,7 @@ class ResidualProfile:
     """The residual stream per depth: index 0 is the embedding output, index l+1 the output of layer l."""
 
     first_sq: torch.Tensor         # (L+1, d) token 0's mean squared value per channel
-    later_sq: torch.Tensor         # (L+1, d) the same over tokens t >= 1
+    later_sq: torch.Tensor         # (L+1, d) the same over the later tokens, t >= 1
     first_dominance: torch.Tensor  # (L+1,) token 0's dominance ratio max|x| / mean|x|
     later_dominance: torch.Tensor  # (L+1,) mean dominance ratio of tokens t >= 1
     first_norm: torch.Tensor       # (L+1,) token 0's L2 norm
@@ -337,7 +338,7 @@ class DirectionLock:
 
     position: int
     first_cos: torch.Tensor      # (L,) mean pairwise cosine across sequences of token 0's normalised input
-    position_cos: torch.Tensor      # (L,) the same for the token at ``position``
+    position_cos: torch.Tensor   # (L,) the same for the token at ``position``
     first_key_cos: torch.Tensor  # (L,) mean over key heads of the pairwise cosine of token 0's key
     position_key_cos: torch.Tensor  # (L,) the same for the token at ``position``
     n_sequences: int
@@ -345,11 +346,12 @@ class DirectionLock:
 
 @torch.no_grad()
 def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_size: int = 8) -> DirectionLock:
-    """Per layer, ``input_layernorm`` of token 0's input and of the token at ``position`` (default: the
-    middle), collected over sequences whose first tokens differ, and the mean pairwise cosine between them
-    (1: the same direction whatever the input), for the normalised state and for its key (pre-RoPE; at
-    position 0 RoPE is the identity). Give sequences *without* BOS: with BOS token 0 is the same token in the
-    same (empty) context everywhere and the cosine is 1 trivially."""
+    """Per layer, the normalised input of attention (the trace's ``attn.in``, ``input_layernorm`` of the layer
+    input) of token 0 and of the token at ``position`` (default: the middle), collected over sequences whose first
+    tokens differ, and the mean pairwise cosine between them (1: the same direction whatever the input), for the
+    normalised state and for its key ``k_proj(attn.in)`` (pre-RoPE: RoPE turns every sequence's key at one position
+    by the same rotation, which leaves their cosines as they are). Give sequences *without* BOS: with BOS token 0
+    is the same token in the same (empty) context everywhere and the cosine is 1 trivially."""
     T = ids.shape[1]
     position = T // 2 if position is None else position
     if not 0 < position < T:

@@ -37,6 +37,42 @@ def test_variance_profile_measures_head_outputs_and_is_exact_at_token_0(arch):
     assert (prof.sum_p2 >= bound - 1e-6).all() and (prof.sum_p2 <= 1 + 1e-6).all()
 
 
+def test_value_variance_is_each_query_heads_v_proj_variance_under_gqa():
+    """value_var[l, h, t] is the dimension-wise variance of v_proj's output for key head h // (H / Hkv) (Mistral
+    here: 4 query heads share 2 key heads), captured with a forward hook, not through the trace."""
+    model = tiny("mistral")
+    ids = ids_for()
+    prof = measure.variance_profile(model, ids, batch_size=3)
+    captured = {}
+    hooks = [b.self_attn.v_proj.register_forward_hook(lambda _m, _i, out, l=l: captured.setdefault(l, out.detach()))
+             for l, b in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    H, Hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    for l, v in captured.items():
+        per_kv_head = v.unflatten(-1, (Hkv, -1)).var(-1, unbiased=False).mean(0)  # (T, Hkv)
+        expected = torch.stack([per_kv_head[:, h // (H // Hkv)] for h in range(H)])  # (H, T)
+        torch.testing.assert_close(prof.value_var[l], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_mean_over_sequences_is_the_mean_of_one_pass_over_every_sequence():
+    """Five sequences in batches of 2 (the last holds one): the loop sums each batch, divides by the number of
+    sequences (not of batches), and passes layers and sink_index on to the trace."""
+    model = tiny("llama")
+    ids = ids_for(B=5)
+    got = measure.mean_over_sequences(
+        model, ids, ("attn.sink",), lambda rec: {"sink": rec["attn.sink"].sum(1), "ones": torch.ones(3) * rec[
+            "attn.sink"].shape[1]}, batch_size=2, desc="test", layers=[1], sink_index=2, progress=False)
+    with torch.no_grad(), trace.record(model, "attn.sink", layers=[1], sink_index=2) as rec:
+        model(input_ids=ids)
+    torch.testing.assert_close(got["sink"], rec["attn.sink"].mean(1), atol=1e-6, rtol=1e-5)
+    assert got["sink"].shape == (1, 4, 16) and torch.equal(got["ones"], torch.ones(3))
+
+
 def test_uniform_attention_gives_sum_p2_one_over_t_plus_1():
     model = tiny("llama")
     for block in model.model.layers:  # zero queries: every logit is 0, attention is uniform over the prefix
