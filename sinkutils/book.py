@@ -2,6 +2,7 @@
 
     python -m sinkutils.book --profile cpu            # execute every chapter, build _build/html
     python -m sinkutils.book --profile cpu --only 01_sink --no-html
+    python -m sinkutils.book --format                 # ruff format the chapters' code (tests/test_format.py)
 
 The assignments' instructor editions (``assignments/NN_*.ipynb``) are executed too, into
 ``_build/stage/assignments``, unless ``--no-assignments``; ``--only`` alone executes them and no chapter.
@@ -265,6 +266,47 @@ def tidy(notebook: Path, params: dict, declared: dict) -> None:
     nbformat.write(nb, notebook)
 
 
+def format_chapters(check: bool = False, root: Path = ROOT) -> str:
+    """``ruff format`` (pinned in requirements.txt) over the chapters' code cells, with ``chapters/ruff.toml``: 100
+    characters, what the site's content column holds at 1280 px. The Colab set-up cell is left as it is: every
+    assignment carries it verbatim (``tests/test_assignments.py``). ``check``: nothing changes; returns ruff's diff
+    of what it would change (empty when every cell is formatted). Otherwise rewrites the cells that change and
+    returns ruff's summary. ``python -m sinkutils.book --format`` runs it."""
+    import json
+    import tempfile
+
+    ruff = Path(sys.executable).with_name("ruff")
+    ruff = str(ruff) if ruff.exists() else shutil.which("ruff")
+    if ruff is None:
+        raise RuntimeError("ruff is not installed; requirements.txt pins it: .venv/bin/pip install -r requirements.txt")
+    with tempfile.TemporaryDirectory(prefix="sinkbook-format-") as tmp:
+        copies = {}
+        for name in chapters(root):
+            nb = json.loads((root / "chapters" / f"{name}.ipynb").read_text())
+            setup = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code")
+            nb["cells"][setup] = {"cell_type": "raw", "metadata": {}, "source": nb["cells"][setup]["source"]}
+            copies[name] = Path(tmp) / f"{name}.ipynb"
+            copies[name].write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        done = subprocess.run([ruff, "format", "--config", str(root / "chapters" / "ruff.toml"),
+                               *(["--check", "--diff"] if check else []), *map(str, copies.values())],
+                              capture_output=True, text=True, cwd=tmp)
+        if done.returncode and not (check and done.returncode == 1):
+            raise RuntimeError(f"ruff format failed: {done.stderr.strip()}")
+        if check:
+            return done.stdout.replace(tmp + "/", "chapters/") if done.returncode else ""
+        for name, copy in copies.items():
+            formatted = json.loads(copy.read_text())["cells"]
+            path = root / "chapters" / f"{name}.ipynb"
+            nb = json.loads(path.read_text())  # read again now: another edit may have landed meanwhile
+            changed = False
+            for cell, new in zip(nb["cells"], formatted):
+                if cell["cell_type"] == "code" == new["cell_type"] and "".join(cell["source"]) != "".join(new["source"]):
+                    cell["source"], changed = new["source"], True
+            if changed:
+                path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        return done.stderr.strip() or done.stdout.strip()
+
+
 def stage(root: Path = ROOT) -> Path:
     """Copy the non-executable sources into ``_build/stage``; chapters are written there by ``execute``."""
     stage_dir = root / "_build" / "stage"
@@ -318,7 +360,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="SECONDS",
                    help="a cell whose kernel uses no CPU and sends nothing this long is interrupted and its chapter "
                         f"retried once (default {STALL_TIMEOUT:.0f})")
+    p.add_argument("--format", action="store_true",
+                   help="format the chapters' code cells with ruff format (chapters/ruff.toml) and stop")
     args = p.parse_args(argv)
+    if args.format:
+        print(format_chapters())
+        return {}
     overrides = parse_params(args.param)
     names = chapters() if args.only is None else args.only
     unknown = sorted(set(names) - set(chapters()))
