@@ -106,7 +106,7 @@ def softmax_stats(query, key, mask, scaling: float, sink_index: int, want: tuple
     Sink and entropy never build a (T x S) matrix: one fused attention pass uses the keys as values, giving
     E_p[k] and the log-partition log Z (``compat.attention_with_lse``). With the sink's logit s_s its weight is
     p_s = exp(s_s - log Z), and the entropy is log Z - scale * q . E_p[k]."""
-    B, H, T, D = query.shape
+    H, T = query.shape[1:3]
     S = key.shape[2]
     out: dict[str, torch.Tensor] = {}
     if "attn.pattern" in want:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sinkutils import measure, metrics, models, structure, trace
+from sinkutils import measure, metrics, models, structure, trace, variants
 
 #: variant -> the embedded model trained with the shared recipe (each has a MODEL_CARD.md and training log)
 SHIPPED = {"baseline": "sinkbook-tiny", "sigmoid": "sinkbook-tiny-sigmoid",
@@ -48,8 +48,7 @@ def head_imbalance(model, ids: torch.Tensor, min_query: int = 4, batch_size: int
     passes their values through almost unaveraged, so its output keeps their variance; a head that spreads
     its attention averages the variance away."""
     models.check_length(model, ids.shape[1])
-    if ids.shape[1] <= min_query:
-        raise ValueError(f"sequences of {ids.shape[1]} tokens leave no query at positions >= min_query={min_query}")
+    metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
 
     def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
         var = metrics.dimension_variance(rec["attn.head_out"].float())  # (L, B, T, H)
@@ -103,7 +102,7 @@ def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed:
                     batch_size: int = 8) -> VariantProfile:
     """Measure the comparison figures on model ``name``, on ``n`` sequences of ``length`` tokens cut from
     ``paragraphs`` with the model's own tokenizer (retrained models may have another vocabulary)."""
-    from sinkutils import data, variants
+    from sinkutils import data
 
     model, tokenizer = models.load(name)
     ids = data.token_batch(tokenizer, paragraphs, n=n, length=length, seed=seed)
@@ -126,6 +125,7 @@ def first_share(model, ids: torch.Tensor, min_query: int = 4, batch_size: int = 
     sum to 1 (each is about 1/S when scores are near 0), so its raw weight on token 0 is small by construction;
     this share is what compares with softmax attention. It needs the attention maps: for the small comparison
     models only (heads x T x T per layer)."""
+    metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
 
     def summed(rec: trace.Recorder) -> torch.Tensor:
         w = rec["attn.pattern"].float()[..., min_query:, :]  # (L, B, H, T - min_query, S)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from sinkutils import attention, metrics, models, trace
+from sinkutils import attention, interventions, metrics, models, trace
 
 
 def check_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -256,8 +256,6 @@ def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = Non
                 progress: bool = True) -> MaskEffect:
     """Attention to ``k`` and to token 0 per layer, then attention to ``k`` under
     ``interventions.block_aggregation(model, k, layers)`` (default: all layers)."""
-    from sinkutils import interventions
-
     k = interventions.check_position(k, ids.shape[-1], attended=True)
     n = models.n_layers(model)
     layers = sorted(set(models.check_layers(model, layers)))
@@ -317,8 +315,6 @@ def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied
                  batch_size: int = 8, progress: bool = True) -> LambdaSweep:
     """Variance amplification and its norm-only control at position ``k``, one run per (layer, lambda, mode)
     (``interventions.amplify_variance`` / ``scale_norm``). The control is defined for lambda >= 1 only."""
-    from sinkutils import interventions
-
     k = interventions.check_position(k, ids.shape[1], attended=True)
     lambdas = [interventions.check_lambda(lam) for lam in lambdas]
     n = models.n_layers(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sinkutils import compat, trace
+from sinkutils import attention, compat, variants
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 #: short name -> folder under ``CHECKPOINTS`` (trained by ``sinkutils.train``; see each MODEL_CARD.md)
@@ -171,8 +171,6 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from sinkutils import variants
-
     source, local = resolve(name_or_dir)
     device = check_device(device or default_device())
     if local:
@@ -191,7 +189,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             # from_pretrained reports the variant's weights as unexpected; variants.attach loads them below
             hf_logging.set_verbosity_error()
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, attn_implementation=trace.ATTN_NAME, use_safetensors=True,
+            source, config=config, attn_implementation=attention.ATTN_NAME, use_safetensors=True,
             trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
     except OSError as err:
         if local:
@@ -208,8 +206,18 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
     return model.to(device).eval(), tokenizer
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's decoder layers (Llama-like models keep them at ``model.model.layers``), else a TypeError
+    naming what was passed (e.g. one layer, or the inner ``model.model``, instead of the causal LM)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"expected a Llama-like causal LM with decoder layers at .model.layers (what models.load "
+                        f"returns), got {type(model).__name__}")
+    return layers
+
+
 def n_layers(model) -> int:
-    return len(trace.decoder_layers(model))
+    return len(decoder_layers(model))
 
 
 def check_index(value, n: int, what: str) -> int:

@@ -32,10 +32,13 @@ from typing import Iterator
 
 import torch
 
-from sinkutils import attention, compat, metrics
-# the attention arithmetic, under the names the chapters and exercises know it by
-from sinkutils.attention import ATTN_NAME, as_additive, causal_mask as _causal_bool  # noqa: F401
+from sinkutils import attention, compat, metrics, models
+from sinkutils.attention import ATTN_NAME
+
+# trace.decoder_layers, trace.attention_stats and trace._causal_bool: the names the assignments and exercises use
+from sinkutils.attention import causal_mask as _causal_bool  # noqa: F401
 from sinkutils.attention import softmax_stats as attention_stats  # noqa: F401
+from sinkutils.models import decoder_layers
 
 QUANTITIES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.sink", "attn.entropy", "attn.pattern",
               "attn.head_out", "mlp.in", "mlp.act", "resid")
@@ -90,22 +93,10 @@ def mask_edit(edit, model=None, layers: list[int] | None = None):
     return attention.mask_edit(edit, attention_modules(model, layers))
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's decoder layers (Llama-like models keep them at ``model.model.layers``), else a TypeError
-    naming what was passed (e.g. one layer, or the inner ``model.model``, instead of the causal LM)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"expected a Llama-like causal LM with decoder layers at .model.layers (what models.load "
-                        f"returns), got {type(model).__name__}")
-    return layers
-
-
 def attention_modules(model, layers: list[int] | None = None) -> list[torch.nn.Module]:
     """The ``self_attn`` modules of ``model``'s ``layers`` (default: all), checked by ``models.check_layers``."""
-    from sinkutils.models import check_layers
-
     blocks = decoder_layers(model)
-    return [blocks[l].self_attn for l in check_layers(model, layers)]
+    return [blocks[l].self_attn for l in models.check_layers(model, layers)]
 
 
 @contextlib.contextmanager
@@ -115,10 +106,8 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown or not quantities:
         raise ValueError(f"unknown or no quantities {unknown or quantities}; choose from {QUANTITIES}")
-    from sinkutils.models import check_layers
-
     blocks = decoder_layers(model)
-    layers = check_layers(model, layers, allow_empty=True)  # none: only the embedding output of ``resid``
+    layers = models.check_layers(model, layers, allow_empty=True)  # none: only the embedding output of ``resid``
     rec = Recorder(tuple(quantities), layers, sink_index)
     index = {block.self_attn: l for l, block in enumerate(blocks) if l in layers}
     want = tuple(q for q in _ATTENTION_STATS if q in quantities)

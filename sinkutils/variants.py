@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sinkutils import compat, trace
-# sigmoid_weights: the sigmoid variant's weights, which the exercises check against
-from sinkutils.attention import ATTN_NAME, GATE_INPUT, SUBMODULES, sigmoid_weights, variant_of  # noqa: F401
+from sinkutils import attention, compat
+from sinkutils.attention import ATTN_NAME, GATE_INPUT, SUBMODULES, variant_of
+
+#: the sigmoid variant's weights, which the exercises check against
+sigmoid_weights = attention.sigmoid_weights
 
 VARIANTS = {
     "baseline": "softmax attention, transformers' sdpa",
@@ -83,7 +85,7 @@ def attach(model, source: str | os.PathLike | None = None) -> None:
     if variant == "baseline":
         return
     compat.set_attention(model, ATTN_NAME)
-    for attn in (block.self_attn for block in trace.decoder_layers(model)):
+    for attn in (block.self_attn for block in model.model.layers):  # a Llama, built or checked by models.load
         if _before_attention in attn._forward_pre_hooks.values():  # attached already
             continue
         part = _new_submodule(variant, attn)

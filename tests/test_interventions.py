@@ -92,10 +92,10 @@ def test_mask_composes_with_padding_like_an_explicit_4d_mask():
 @pytest.mark.parametrize("form", ["none", "bool", "float"])
 def test_block_row_treats_the_three_mask_forms_alike(form):
     T = S = 7
-    causal = trace._causal_bool(T, S, "cpu")[None, None]
+    causal = attention.causal_mask(T, S, "cpu")[None, None]
     mask = {"none": None, "bool": causal,
             "float": torch.zeros(1, 1, T, S).masked_fill(~causal, torch.finfo(torch.float32).min)}[form]
-    edited = trace.as_additive(interventions.block_row(mask, 3, T, S, "cpu"), T, S, torch.float32, "cpu")
+    edited = attention.as_additive(interventions.block_row(mask, 3, T, S, "cpu"), T, S, torch.float32, "cpu")
     visible = edited[0, 0] > -1e30
     expected = causal[0, 0].clone()
     expected[3] = False
@@ -104,7 +104,7 @@ def test_block_row_treats_the_three_mask_forms_alike(form):
 
 
 def test_block_row_with_cached_keys_edits_the_right_row():
-    causal = trace._causal_bool(2, 6, "cpu")[None, None]  # queries are positions 4 and 5
+    causal = attention.causal_mask(2, 6, "cpu")[None, None]  # queries are positions 4 and 5
     edited = interventions.block_row(causal, 4, 2, 6, "cpu")
     assert edited[0, 0, 0].tolist() == [False, False, False, False, True, False]
     assert torch.equal(edited[0, 0, 1], causal[0, 0, 1])

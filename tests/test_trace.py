@@ -130,8 +130,8 @@ def test_queries_keys_values_and_block_inputs_match_a_plain_recomputation(arch):
             a = block.self_attn
             x = block.input_layernorm(ref.hidden_states[l])
             torch.testing.assert_close(rec["attn.in"][l], x, atol=1e-5, rtol=1e-5)
-            heads = lambda y: y.unflatten(-1, (-1, D)).transpose(1, 2)  # noqa: E731  (B, heads, T, D)
-            q, k = rope(heads(a.q_proj(x)), theta), rope(heads(a.k_proj(x)), theta)
+            q = rope(a.q_proj(x).unflatten(-1, (-1, D)).transpose(1, 2), theta)  # (B, heads, T, D)
+            k = rope(a.k_proj(x).unflatten(-1, (-1, D)).transpose(1, 2), theta)
             torch.testing.assert_close(rec["attn.q"][l], q.transpose(1, 2), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(rec["attn.k"][l], k.transpose(1, 2), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(rec["attn.v"][l], a.v_proj(x).unflatten(-1, (-1, D)), atol=1e-6, rtol=1e-6)
