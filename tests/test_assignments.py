@@ -12,7 +12,7 @@ import nbformat
 import pytest
 import torch
 
-from sinkutils import assign, book, exercises, interventions, measure, metrics, models, structure, trace, variants
+from sinkutils import assign, attention, book, exercises, interventions, measure, metrics, models, structure, variants
 from sinkutils.exercises import (ch1_sink, ch2_variance, ch3_interventions, ch4_super_neurons, ch5_disparity,
                                  ch6_headwise)
 
@@ -33,7 +33,7 @@ def _headwise_reference(o, weight, eps):
 
 #: the book's reference for each exercise, called with the exercise's signature
 REFERENCES = {
-    "attention_to_first": lambda q, k: trace.attention_stats(q, k, None, q.shape[-1] ** -0.5, 0, ("attn.sink",))["attn.sink"],
+    "attention_to_first": lambda q, k: attention.softmax_stats(q, k, None, q.shape[-1] ** -0.5, 0, ("attn.sink",))["attn.sink"],
     "sink_rate": metrics.sink_rate,
     "dimension_variance": metrics.dimension_variance,
     "predicted_variance": lambda p, v: measure.aggregation_prediction(p, v)[0],
@@ -45,7 +45,7 @@ REFERENCES = {
     "dominance_ratio": metrics.dominance_ratio,
     "mean_pairwise_cosine": metrics.mean_pairwise_cosine,
     "headwise_rmsnorm": _headwise_reference,
-    "sigmoid_attention": lambda q, k: variants.sigmoid_weights(q, k, None, q.shape[-1] ** -0.5),
+    "sigmoid_attention": lambda q, k: attention.sigmoid_weights(q, k, None, q.shape[-1] ** -0.5),
     "effective_rank": metrics.effective_rank,
 }
 

@@ -3,7 +3,7 @@
 Each exercise names the function a student writes (``attention_to_first``, ``sink_rate``, ...), the chapter
 it practises, prepared inputs (small tensors from a fixed seed: milliseconds on a CPU) and a diagnosis. The
 diagnosis compares the student's outputs with the reference in ``sinkutils`` (``metrics``, ``measure``,
-``interventions``, ``structure``, ``variants``, ``trace``: never a second copy of a formula) and, when they
+``interventions``, ``structure``, ``variants``, ``attention``: never a second copy of a formula) and, when they
 differ, says which mistake the outputs show (wrong shape or axis, causal mask missing, sample instead of
 population variance, ...), not just "wrong".
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from sinkutils import metrics, trace
+from sinkutils import attention, metrics
 from sinkutils.exercises.harness import Probe, Wrong, checker, close, generator, register, shape_hint
 
 CHAPTER = "01_sink"
@@ -32,7 +32,7 @@ def attention_cases() -> dict[str, tuple]:
 
 
 def _first_reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return trace.attention_stats(q, k, None, q.shape[-1] ** -0.5, 0, ("attn.sink",))["attn.sink"]
+    return attention.softmax_stats(q, k, None, q.shape[-1] ** -0.5, 0, ("attn.sink",))["attn.sink"]
 
 
 @register(CHAPTER, attention_cases)
@@ -57,7 +57,7 @@ def attention_to_first(p: Probe) -> None:
     if not torch.allclose(got[..., 0].double(), torch.ones(()).double(), atol=1e-5):
         raise Wrong(f"query 0 sees only key 0, so its weight on key 0 must be 1, got {float(got[0, 0, 0]):.4g}: "
                      "normalise over the keys, softmax(dim=-1) on (..., queries, keys) scores, not over the queries")
-    mask = trace._causal_bool(q.shape[-2], q.shape[-2], "cpu")
+    mask = attention.causal_mask(q.shape[-2], q.shape[-2], "cpu")
     p.mistakes(got, {
         "forgot the scale: divide q . k by sqrt(head_dim) before the softmax":
             attention_scores(q, k, 1.0).masked_fill(~mask, -math.inf).softmax(-1)[..., 0],

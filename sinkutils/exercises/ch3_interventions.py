@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sinkutils import interventions, metrics, trace
+from sinkutils import attention, interventions, metrics
 from sinkutils.exercises.harness import Probe, Wrong, checker, close, generator, register
 
 CHAPTER = "03_interventions"
@@ -14,7 +14,7 @@ _MASK_T = 9
 
 
 def _mask_cases() -> dict[str, tuple]:
-    causal = trace._causal_bool(_MASK_T, _MASK_T, "cpu")
+    causal = attention.causal_mask(_MASK_T, _MASK_T, "cpu")
     hidden = causal.clone()
     hidden[:, [1, 3]] = False                    # keys 1 and 3 hidden from everyone (padding, say)
     hidden[[1, 3], [1, 3]] = True                # ... but each still sees itself

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sinkutils import metrics, trace, variants
+from sinkutils import attention, metrics, variants
 from sinkutils.exercises.ch1_sink import ATTENTION, attention_cases, attention_scores
 from sinkutils.exercises.harness import Probe, Wrong, checker, close, generator, register
 
@@ -67,7 +67,7 @@ def headwise_rmsnorm(p: Probe) -> None:
 
 
 def _sigmoid_reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return variants.sigmoid_weights(q, k, None, q.shape[-1] ** -0.5)
+    return attention.sigmoid_weights(q, k, None, q.shape[-1] ** -0.5)
 
 
 @register(CHAPTER, attention_cases)
@@ -89,7 +89,7 @@ def sigmoid_attention(p: Probe) -> None:
     if close(got, ref) and close(p.tensor(second, ("batch", "heads", "queries", "keys"), sizes),
                                    _sigmoid_reference(*p.args(second))):
         return
-    later = ~trace._causal_bool(T, T, "cpu")
+    later = ~attention.causal_mask(T, T, "cpu")
     if got[..., later].abs().max() > 1e-6:
         raise Wrong("causal mask missing: a query must give weight 0 to every later key (above the diagonal)")
     if torch.allclose(got.double().sum(-1), torch.ones(()).double(), atol=1e-5):
