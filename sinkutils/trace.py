@@ -71,9 +71,9 @@ class Recorder:
         (early queries attend to few keys, so their weight on token 0 is high for trivial reasons). Padding
         queries are left out; a sink key that is padding in some row (left padding) is refused."""
         sink = self["attn.sink"].float()
-        metrics.check_min_query(min_query, sink.shape[-1])
         if self.real is None:
-            return sink[..., min_query:].mean(dim=(1, 2, 3))
+            return metrics.mean_sink(sink, min_query)
+        metrics.check_min_query(min_query, sink.shape[-1])
         padded = (~self.real[:, self.sink_index]).nonzero().flatten().tolist()
         if padded:
             raise ValueError(f"key {self.sink_index} is padding in rows {padded} (left padding?), so attention to it "
@@ -82,12 +82,12 @@ class Recorder:
         return torch.where(real, sink[..., min_query:], 0).sum(dim=(1, 2, 3)) / real.sum(dim=(1, 2, 3))
 
 
-def mask_edit(edit, model=None, layers: list[int] | None = None):
+def mask_edit(edit, model=None, layers: list[int] | None = None) -> contextlib.AbstractContextManager[None]:
     """Inside the block, the attention mask passes through ``edit(mask, q_len, kv_len, device) -> mask`` before
     attention and statistics use it (chapter 3's interventions): in ``model``'s ``layers`` (default: all), or in
-    every model running the sinkbook attention when no model is given. ``mask`` arrives in any of the three forms
-    (None means plain causal); ``as_additive`` converts. Requires the sinkbook attention (``models.load`` sets it;
-    ``interventions.block_aggregation`` sets it for its block)."""
+    every model running the sinkbook attention when no model is given (the assignments' form). ``mask`` arrives in
+    any of the three forms (None means plain causal); ``attention.as_additive`` converts. Requires the sinkbook
+    attention (``models.load`` sets it; ``interventions.block_aggregation`` sets it for its block)."""
     if model is None:
         return attention.mask_edit(edit)
     return attention.mask_edit(edit, attention_modules(model, layers))
