@@ -396,7 +396,8 @@ def token0_dominance_stands_out(model, ids: torch.Tensor, *, batch_size: int = 8
     p = _residual(model, ids, batch_size, profile)
     d = p.disparity_layer + 1
     first, later = float(p.first_dominance[d]), float(p.later_dominance[d])
-    return Claim("token0_dominance_stands_out", 5, "Fig 11", "after it token 0's dominance ratio dwarfs the later tokens'",
+    return Claim("token0_dominance_stands_out", 5, "Fig 11",
+                 "after it token 0's dominance ratio dwarfs the later tokens'",
                  f"at least {DOMINANCE_GAP:g}x the later tokens' after layer {d - 1}",
                  {"layer": d - 1, "token0": first, "later": later},
                  f"{first:.1f} against {later:.1f} after layer {d - 1}", first >= DOMINANCE_GAP * later)

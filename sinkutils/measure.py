@@ -33,8 +33,9 @@ def batches(ids: torch.Tensor, batch_size: int, desc: str, progress: bool = True
     return _progress(chunks, desc, quiet=not progress or len(chunks) == 1)
 
 
-def recorded(model, ids: torch.Tensor, *quantities: str, batch_size: int = 8, desc: str, layers: list[int] | None = None,
-             sink_index: int = 0, progress: bool = True) -> Iterator[tuple[int, trace.Recorder]]:
+def recorded(model, ids: torch.Tensor, *quantities: str, batch_size: int = 8, desc: str,
+             layers: list[int] | None = None, sink_index: int = 0,
+             progress: bool = True) -> Iterator[tuple[int, trace.Recorder]]:
     """``(sequences in the batch, its recorder)`` for each forward pass of ``model`` over ``ids`` in batches of
     ``batch_size``, recording ``quantities`` (``trace.record``'s arguments)."""
     for chunk in batches(ids, batch_size, desc, progress):
