@@ -6,8 +6,12 @@ The site is built here from chapter 1, executed by papermill (as ``sinkutils.boo
 random-init Llama saved to a temp folder, so neither the embedded model nor the network is needed. Set
 ``SINKBOOK_SITE=_build/html`` to test a site built by ``bash run.sh book`` instead (CI does, after the build).
 The browser is headless Chromium (Debian package ``chromium``), driven over the Chrome DevTools Protocol on
-``--remote-debugging-pipe`` (stdlib only: no chromedriver, no websocket library). Screenshots of every page
-and of every widget before and after its slider moves are saved under ``artifacts/site/``.
+``--remote-debugging-pipe`` (stdlib only: no chromedriver, no websocket library). Screenshots of every chapter page
+at 1280 and 390 px (``NN_name-1280.png``, ``NN_name-390.png``), of the landing page and of every widget before and
+after its slider moves are kept under ``artifacts/site/`` (CI uploads ``artifacts/``; the test prints the folder).
+
+Without Chromium the static checks still run: the pages load only local files, the scoreboard renders, and each
+chapter's Colab and download buttons point at that chapter's notebook.
 """
 from __future__ import annotations
 
@@ -24,13 +28,15 @@ import subprocess
 import tempfile
 import threading
 import time
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 
-from sinkutils import book, models, scoreboard
+from sinkutils import book, models, release, scoreboard
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "
@@ -343,6 +349,31 @@ JS_OVERFLOW = """(() => {
 })()"""
 #: the widths a reader reads at: a laptop and a phone
 WIDTHS = {"desktop": 1280, "phone": 390}
+#: display equations wider than their column (MathJax 3 does not break lines: a wide one would scroll sideways)
+JS_WIDE_MATH = """[...document.querySelectorAll('article mjx-container[display="true"]')].filter(m => {
+  const math = m.querySelector('mjx-math');
+  return math && math.getBoundingClientRect().width > m.parentElement.clientWidth + 1;
+}).map(m => m.getAttribute('aria-label') || m.textContent.slice(0, 60))"""
+#: how many characters of code the content column holds without wrapping (the chapters are formatted to fit)
+JS_CODE_COLUMN = """(() => {
+  const pre = [...document.querySelectorAll('article div.cell:not(.tag_hide-input) div.cell_input pre')]
+    .find(p => p.offsetParent !== null);
+  if (!pre) return null;
+  const probe = document.createElement('span');
+  probe.style.whiteSpace = 'pre';
+  probe.textContent = 'x'.repeat(200);
+  pre.appendChild(probe);
+  const char = probe.getBoundingClientRect().width / 200;
+  probe.remove();
+  const style = getComputedStyle(pre);
+  return (pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) / char;
+})()"""
+CODE_WIDTH = tomllib.loads((book.ROOT / "chapters" / "ruff.toml").read_text())["line-length"]
+
+
+def png_width(path: Path) -> int:
+    """The pixel width in a PNG's header."""
+    return int.from_bytes(path.read_bytes()[16:20], "big")
 
 
 class _Refs(HTMLParser):
@@ -398,7 +429,7 @@ def test_pages_reference_only_local_files(site):
 
 
 @needs_chromium
-def test_chapter_pages_work_offline_in_chromium(site, server, browser):
+def test_chapter_pages_work_offline_in_chromium(site, server, browser, capsys):
     pages = chapter_pages(site)
     assert pages, "the site has no chapter pages"
     report = {}
@@ -426,7 +457,10 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
                 page.wait_for(f"({JS_WIDGETS}).every(w => w.rendered)", 30, "widgets to render")
             widgets = page.evaluate(JS_WIDGETS)
             assert not [w for w in widgets if w["error"]], f"{name}: a widget failed to display"
-            page.screenshot(ARTIFACTS / f"{name}.png")
+            page.screenshot(ARTIFACTS / f"{name}-1280.png")
+            column = page.evaluate(JS_CODE_COLUMN)
+            assert column and column >= CODE_WIDTH, \
+                f"{name}: the content column holds {column} characters of code, the chapters are formatted to {CODE_WIDTH}"
             # sliders: moving the first slider of each widget switches the pre-rendered output, no kernel
             for i, w in enumerate(widgets):
                 if not w["sliders"]:
@@ -446,31 +480,74 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser):
             assert not page.errors(), f"{name}: console errors: {page.errors()}"
             loaded = page.loaded()  # weighed before the width changes below (which may fetch more)
             # no sideways scrolling at 1280 px and at a phone's 390 px (a screenshot at each)
-            overflow = {"desktop": page.evaluate(JS_OVERFLOW)}
+            overflow = {"desktop": page.evaluate(JS_OVERFLOW) | {"math": page.evaluate(JS_WIDE_MATH)}}
             page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["phone"], height=844, deviceScaleFactor=1,
                       mobile=True)
             time.sleep(0.5)
-            overflow["phone"] = page.evaluate(JS_OVERFLOW)
+            overflow["phone"] = page.evaluate(JS_OVERFLOW) | {"math": page.evaluate(JS_WIDE_MATH)}
             size = page.call("Page.getLayoutMetrics")["cssContentSize"]
             page.screenshot(ARTIFACTS / f"{name}-390.png", {"x": 0, "y": 0, "width": WIDTHS["phone"],
                                                             "height": min(size["height"], 12000)})
             page.call("Emulation.setDeviceMetricsOverride", width=WIDTHS["desktop"], height=900, deviceScaleFactor=1,
                       mobile=False)
-            # (a display equation wider than the column scrolls inside MathJax's container: measured, not yet held)
+            # code, output, tables and display equations fit the column at both widths
             for width, found in overflow.items():
-                code = [e for e in found["examples"] if not e.startswith("MJX-")]
-                assert found["page"] <= 0 and not code, f"{name}: scrolls sideways at {WIDTHS[width]} px: {found}"
+                assert found["page"] <= 0 and not found["scrolling"] and not found["math"], \
+                    f"{name}: scrolls sideways at {WIDTHS[width]} px: {found}"
+            shots = {w: ARTIFACTS / f"{name}-{w}.png" for w in WIDTHS.values()}
+            assert {w: png_width(path) for w, path in shots.items()} == {w: w for w in WIDTHS.values()}, shots
             # page weight, against the budget stated at the top
             own = (site / rel).stat().st_size / 1e6  # the document as served (DevTools may count it short)
             total = (sum(loaded.values()) - loaded.get(server + rel, 0)) / 1e6 + own
             report[name] = {"figures": len([i for i in images if not i["widget"]]), "math": math["math"],
                             "widgets": len(widgets), "requests": len(page.requests()), "loaded_mb": round(total, 2),
-                            "html_mb": round(own, 2), "sideways": overflow}
+                            "html_mb": round(own, 2), "sideways": overflow, "code_column_chars": round(column),
+                            "screenshots": [path.name for path in shots.values()]}
             assert own <= HTML_BUDGET_MB, f"{name}: its HTML is {own:.2f} MB, over the budget of {HTML_BUDGET_MB} MB"
             assert total <= PAGE_BUDGET_MB, f"{name}: loads {total:.2f} MB, over the budget of {PAGE_BUDGET_MB} MB"
         finally:
             page.close()
     (ARTIFACTS / "report.json").write_text(json.dumps(report, indent=1))
+    with capsys.disabled():
+        print(f"\nscreenshots of {len(report)} chapter pages at {sorted(WIDTHS.values())} px: {ARTIFACTS}")
+
+
+class _Buttons(HTMLParser):
+    """Every link of a page: (its classes, its title, its href)."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[tuple[set[str], str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a" and a.get("href"):
+            self.links.append((set((a.get("class") or "").split()), a.get("title") or "", a["href"]))
+
+
+def test_colab_and_download_buttons_open_this_chapter(site):
+    """Colab opens this chapter's notebook from the repository of the release coordinates (pyproject.toml) on the
+    branch the site names; the download button serves this chapter's executed notebook."""
+    repo = release.coordinates()["slug"]
+    branch = yaml.safe_load((book.ROOT / "_config.yml").read_text())["repository"]["branch"]
+    pages = chapter_pages(site)
+    assert pages, "the site has no chapter pages"
+    for rel in pages:
+        name = Path(rel).stem
+        parser = _Buttons()
+        parser.feed((site / rel).read_text(encoding="utf-8"))
+        colab = [href for classes, title, href in parser.links if "btn" in classes and "Colab" in title]
+        assert colab == [f"https://colab.research.google.com/github/{repo}/blob/{branch}/chapters/{name}.ipynb"], \
+            f"{name}: the Colab button opens {colab}"
+        assert (book.ROOT / "chapters" / f"{name}.ipynb").is_file()  # the file Colab opens, in this checkout
+        download = [href for classes, _, href in parser.links if "btn-download-source-button" in classes]
+        assert len(download) == 1 and download[0].endswith(f"/chapters/{name}.ipynb"), f"{name}: download {download}"
+        served = (site / rel).parent / download[0]
+        assert served.is_file(), f"{name}: the download button's {download[0]} is not in the site"
+        got = [c.source for c in nbformat.reads(served.read_text(encoding="utf-8"), as_version=4).cells]
+        source = [c.source for c in nbformat.read(book.ROOT / "chapters" / f"{name}.ipynb", as_version=4).cells]
+        rest = iter(got)  # every cell of the chapter, in order (papermill adds its injected-parameters cell)
+        assert all(any(cell == g for g in rest) for cell in source), f"{name}: the download is not this chapter"
 
 
 VERDICT_CELLS = r"<strong>(agrees|DEPARTS|n/a)</strong>"
