@@ -109,7 +109,7 @@ def variant_profile(name: str, paragraphs: list[str], n: int, length: int, seed:
     sink = measure.sink_profile(model, ids, batch_size=batch_size)
     resid = structure.residual_profile(model, ids, batch_size=batch_size)
     out_var = measure.position_variance(model, ids, batch_size=batch_size).mean(1)  # (L, T)
-    variant = variants.variant_of(trace.decoder_layers(model)[0].self_attn)
+    variant = variants.variant_of(models.decoder_layers(model)[0].self_attn)
     record = training_record(name)
     return VariantProfile(name=name, variant=variant, attention_to_first=sink.attention_to_first,
                           first_share=(first_share(model, ids, min_query=sink.min_query, batch_size=batch_size)

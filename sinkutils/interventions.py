@@ -134,7 +134,7 @@ def edit_head_output(model, k: int, layer: int, transform: Callable[[torch.Tenso
     them, in the input of W_O. Enter before ``trace.record`` so the recorder sees the edited outputs. ``k`` may be
     0 (``origin.sink_origin`` zeroes token 0's output)."""
     k = check_position(k, first=True)
-    attn = trace.decoder_layers(model)[models.check_layer(model, layer)].self_attn
+    attn = models.decoder_layers(model)[models.check_layer(model, layer)].self_attn
 
     def hook(_m, args):
         x = args[0]

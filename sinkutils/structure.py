@@ -80,7 +80,7 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     the same profile of the later tokens. Also the dimension-wise variance per position before and after W_O."""
     layers = _sorted_layers(model, layers)
     metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
-    blocks = trace.decoder_layers(model)
+    blocks = models.decoder_layers(model)
 
     def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
         heads, got = rec["attn.head_out"], {}
@@ -133,7 +133,7 @@ def ffn_norms(model, layer: int, z_threshold: float = 8.0) -> FFNNorms:
     """Fig 8: per FFN hidden neuron n, ||W_gate[n, :]|| and ||W_up[n, :]||. Rule: n is a *super neuron* when
     s_n = ||W_gate[n]|| * ||W_up[n]|| (the gain of SwiGLU for an input aligned with both rows) has a robust
     z-score (median / MAD) above ``z_threshold``: a handful of outliers, never a fixed count."""
-    mlp = trace.decoder_layers(model)[models.check_layer(model, layer)].mlp
+    mlp = models.decoder_layers(model)[models.check_layer(model, layer)].mlp
     return ffn_norms_of(mlp.gate_proj.weight, mlp.up_proj.weight, layer, z_threshold)
 
 
@@ -187,7 +187,7 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
     neuron's W_gate row, its raw up activation W_up[n] . x_t, and act(gate) * up from the trace; plus every
     neuron's mean |activation| on token 0 and on later tokens (one forward pass for all layers)."""
     layers = _sorted_layers(model, list(neurons))
-    blocks = trace.decoder_layers(model)
+    blocks = models.decoder_layers(model)
     width = blocks[layers[0]].mlp.gate_proj.weight.shape[0]
     for l in layers:
         bad = [n for n in neurons[l] if not 0 <= n < width]
@@ -230,7 +230,7 @@ def down_column(model, layer: int, neuron: int, k: int = 2) -> DownColumn:
     """Fig 10: W_down[:, neuron], its excess kurtosis, its ``k`` largest-magnitude residual channels and their
     share of the squared norm (k / hidden for a flat column). For Llama-2-7B, layer 1, neuron 7890 the top
     channel is 2533: the super weight W_down[2533, 7890]."""
-    down = trace.decoder_layers(model)[models.check_layer(model, layer)].mlp.down_proj.weight
+    down = models.decoder_layers(model)[models.check_layer(model, layer)].mlp.down_proj.weight
     if not 0 <= neuron < down.shape[1]:
         raise ValueError(f"neuron {neuron} is out of range: this FFN has neurons 0..{down.shape[1] - 1}")
     w = down[:, neuron].detach().float().cpu()
@@ -358,7 +358,7 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
         raise ValueError(f"position must lie in 1..{T - 1}, got {position}")
     if ids.shape[0] < 2:
         raise ValueError("need at least two sequences to compare directions")
-    blocks = trace.decoder_layers(model)
+    blocks = models.decoder_layers(model)
     states = {0: [], position: []}
     for _, rec in measure.recorded(model, ids, "attn.in", batch_size=batch_size, desc="direction lock"):
         x = rec["attn.in"]  # (L, B, T, d): input_layernorm of each layer's input
@@ -377,7 +377,7 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
 def query_principal_directions(model, layer: int) -> torch.Tensor:
     """(H, D) per head the top left-singular vector of W_Q's head block (D x d): the query-space direction
     that W_Q stretches most, i.e. the principal axis of the queries of isotropic normalised inputs (Fig 12)."""
-    attn = trace.decoder_layers(model)[models.check_layer(model, layer)].self_attn
+    attn = models.decoder_layers(model)[models.check_layer(model, layer)].self_attn
     w = attn.q_proj.weight.detach().double().cpu().unflatten(0, (-1, attn.head_dim))  # (H, D, d)
     return torch.linalg.svd(w, full_matrices=False).U[..., 0].float()
 

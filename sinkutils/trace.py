@@ -34,10 +34,6 @@ import torch
 
 from sinkutils import attention, compat, metrics, models
 from sinkutils.attention import ATTN_NAME
-
-# trace.decoder_layers, trace.attention_stats and trace._causal_bool: the names the assignments and exercises use
-from sinkutils.attention import causal_mask as _causal_bool  # noqa: F401
-from sinkutils.attention import softmax_stats as attention_stats  # noqa: F401
 from sinkutils.models import decoder_layers
 
 QUANTITIES = ("attn.in", "attn.q", "attn.k", "attn.v", "attn.sink", "attn.entropy", "attn.pattern",

@@ -27,11 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sinkutils import attention, compat
+from sinkutils import compat
 from sinkutils.attention import ATTN_NAME, GATE_INPUT, SUBMODULES, variant_of
-
-#: the sigmoid variant's weights, which the exercises check against
-sigmoid_weights = attention.sigmoid_weights
 
 VARIANTS = {
     "baseline": "softmax attention, transformers' sdpa",
