@@ -354,6 +354,9 @@ JS_WIDE_MATH = """[...document.querySelectorAll('article mjx-container[display="
   const math = m.querySelector('mjx-math');
   return math && math.getBoundingClientRect().width > m.parentElement.clientWidth + 1;
 }).map(m => m.getAttribute('aria-label') || m.textContent.slice(0, 60))"""
+#: output paragraphs that are a markdown table left unparsed (a header rule: |---| or, after smartquotes, |—|)
+JS_RAW_TABLES = """[...document.querySelectorAll('article .cell_output p')].map(p => p.textContent)
+  .filter(t => /\\|\\s*(---|\u2014)\\s*\\|/.test(t)).map(t => t.slice(0, 80))"""
 #: how many characters of code the content column holds without wrapping (the chapters are formatted to fit)
 JS_CODE_COLUMN = """(() => {
   const pre = [...document.querySelectorAll('article div.cell:not(.tag_hide-input) div.cell_input pre')]
@@ -458,6 +461,9 @@ def test_chapter_pages_work_offline_in_chromium(site, server, browser, capsys):
             widgets = page.evaluate(JS_WIDGETS)
             assert not [w for w in widgets if w["error"]], f"{name}: a widget failed to display"
             page.screenshot(ARTIFACTS / f"{name}-1280.png")
+            # tables that cells display (widgets.table) are tables, not paragraphs of pipes
+            raw = page.evaluate(JS_RAW_TABLES)
+            assert not raw, f"{name}: markdown tables shown as text: {raw}"
             column = page.evaluate(JS_CODE_COLUMN)
             assert column and column >= CODE_WIDTH, \
                 f"{name}: the content column holds {column} characters of code, the chapters are formatted to {CODE_WIDTH}"
