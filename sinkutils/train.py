@@ -557,7 +557,7 @@ python -m sinkutils.train ship --out-dir RUN --name {name}
 
 ## Measured at shipping (32 held-out sequences of BOS + 127 tokens, queries at positions >= 4)
 
-| layer | attention to token 0 | sink rate (heads > 0.3) | token-0 input norm | other tokens' norm |
+| layer | attention to token 0 | sink rate (heads > 0.3) | token-0 input norm | later tokens' norm |
 |---|---|---|---|---|
 """ + "".join(f"| {l} | {a:.3f} | {r:.2f} | {f:.1f} | {o:.1f} |\n" for l, (a, r, f, o) in enumerate(zip(
         metrics["attention_to_first"], metrics["sink_rate"], metrics["first_norm"], metrics["other_norm"])))

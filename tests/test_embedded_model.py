@@ -36,7 +36,7 @@ def test_loads_offline_from_safetensors(tiny_model):
 
 def test_a_middle_layer_sinks_with_every_head_after_token0_norm_jumps(profile):
     """What sinkbook-tiny does show: layers 0-1 do not sink, a later layer does with (almost) all heads, and
-    token 0's input norm is several times the other tokens' from layer 1 on, before that layer."""
+    token 0's input norm is several times the later tokens' from layer 1 on, before that layer."""
     a = profile.attention_to_first
     peak = int(a.argmax())
     assert peak >= 2 and a[peak] >= 0.3 and profile.sink_rate[peak] >= 0.75, a.tolist()
