@@ -5,8 +5,8 @@ A static page has no kernel, so callbacks cannot run there. ``switcher`` therefo
 stacks' ``selected_index`` with ``jslink``: the browser switches between pre-rendered results with no kernel,
 and in Jupyter the same widget behaves identically.
 
-``table`` shows a chapter's per-layer (per-head, per-variant) numbers as a table that fits the page, where a cell
-would otherwise print one long line per row.
+``table`` (rows) and ``columns`` (a column per quantity) show a chapter's per-layer (per-head, per-variant) numbers
+as a table that fits the page, where a cell would otherwise print one long line per row.
 """
 from __future__ import annotations
 
@@ -104,3 +104,14 @@ def table(header: list[str], rows: list[list]) -> Markdown:
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return Markdown("\n".join(lines))
+
+
+def columns(cols: dict) -> Markdown:
+    """``table`` from columns: ``{"layer": range(n), "attention to token 0": (values, ".3f"), ...}``, each column
+    its values or (values, format spec); every column the same length. Chapters 1-6's per-layer tables."""
+    cols = {name: c if isinstance(c, tuple) else (c, "") for name, c in cols.items()}
+    lengths = {name: len(values) for name, (values, _) in cols.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"columns of different lengths: {lengths}")
+    rows = zip(*([format(v, spec) for v in values] for values, spec in cols.values()))
+    return table(list(cols), [list(row) for row in rows])

@@ -60,3 +60,12 @@ def test_table_is_markdown_with_escaped_cells():
     assert table.data.splitlines() == ["| layer | a \\| b |", "|---|---|", "| 0 | 0.125 |", "| 1 | x\\|y |"]
     with pytest.raises(ValueError, match=r"row 1 has 1 cells for 2 columns"):
         widgets.table(["layer", "value"], [[0, 1], [1]])
+
+
+def test_columns_format_each_column_and_need_equal_lengths():
+    import torch
+
+    table = widgets.columns({"layer": range(2), "share": (torch.tensor([0.1234, 0.5]), ".3f"), "note": ["a", "b|c"]})
+    assert table.data.splitlines()[2:] == ["| 0 | 0.123 | a |", "| 1 | 0.500 | b\\|c |"]
+    with pytest.raises(ValueError, match="columns of different lengths"):
+        widgets.columns({"layer": range(3), "share": [0.1, 0.2]})
