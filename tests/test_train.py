@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sinkutils import train, variants
+from sinkutils import data, train, variants
 
 VARIANTS = sorted(variants.VARIANTS)
 
@@ -260,6 +260,45 @@ def test_rows_follow_the_bos_mode(bos):
     else:
         assert (rows != 1).all() and (rows[:, 1:] - rows[:, :-1] == 1).all()
         assert len(set(rows[:, 0].tolist())) > 1  # position 0 is an ordinary, varying token
+
+
+@pytest.mark.parametrize("task", ["random", "bigram_backcopy"])
+def test_synthetic_rows_replace_the_first_share_of_each_batch(task):
+    """synthetic_frac 0.25 of 8 rows: the first 2 rows are the task's sequences (uniform ids >= 4, or Bigram-Backcopy
+    over ids 4 .. 4 + synthetic_vocab), drawn from (seed, step); the other 6 are the text windows of a batch without
+    them; BOS still opens every row."""
+    stream = torch.arange(4, 404, dtype=torch.int32)
+    cfg = train.TrainConfig(data_dir="-", out_dir="-", seq_len=16, batch_size=8, synthetic_frac=0.25,
+                            synthetic_task=task, synthetic_vocab=20)
+    rows = train.batch(stream, cfg, step=3, bos_id=1, vocab_size=404)
+    text = train.batch(stream, dataclasses.replace(cfg, synthetic_frac=0.0), step=3, bos_id=1, vocab_size=404)
+    assert (rows[:, 0] == 1).all() and torch.equal(rows[2:], text[2:]) and not torch.equal(rows[:2], text[:2])
+    synthetic = rows[:2, 1:]
+    if task == "random":
+        assert torch.equal(synthetic, data.random_token_batch(404, 2, 15, bos_id=None, seed=3))
+    else:
+        assert torch.equal(synthetic, data.bigram_backcopy(2, 15, 24, seed=3))
+        assert ((synthetic >= 4) & (synthetic < 24)).all()
+
+
+def test_bigram_backcopy_follows_its_two_rules():
+    """Guo et al.'s task, checked token by token: after a trigger the token before the trigger comes back;
+    elsewhere the next token is one of the previous token's `branching` successors (a table fixed across seeds)."""
+    seqs = torch.cat([data.bigram_backcopy(16, 64, 40, seed=s, n_triggers=4, branching=3) for s in (1, 2)])
+    followers: dict[int, set] = {}
+    triggers = set()
+    for row in seqs.tolist():
+        for t in range(2, len(row)):
+            followers.setdefault(row[t - 1], set()).add(row[t])
+    for tok, nxt in followers.items():  # a trigger's followers are whatever preceded it: many; others at most 3
+        if len(nxt) > 3:
+            triggers.add(tok)
+    assert 1 <= len(triggers) <= 4
+    for row in seqs.tolist():
+        for t in range(2, len(row)):
+            if row[t - 1] in triggers:
+                assert row[t] == row[t - 2]
+    assert all(len(nxt) <= 3 for tok, nxt in followers.items() if tok not in triggers)
 
 
 def test_unknown_bos_mode_is_refused():
