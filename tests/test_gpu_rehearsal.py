@@ -86,7 +86,8 @@ def run_book(checkout: Path, hf_home: Path, args: list[str], timeout: int = 1500
 
 
 def executed(checkout: Path, chapter: str) -> tuple[dict, str]:
-    """(the parameters papermill injected, all text the chapter printed)."""
+    """(the parameters papermill injected, all text the chapter printed or displayed: its tables and callouts
+    are markdown)."""
     nb = nbformat.read(checkout / "_build" / "stage" / "chapters" / f"{chapter}.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.get("outputs", []) if o.output_type == "error"]
@@ -97,7 +98,8 @@ def executed(checkout: Path, chapter: str) -> tuple[dict, str]:
         name, sep, value = line.partition(" = ")
         if sep:
             params[name] = eval(value)  # papermill writes Python literals
-    text = "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/plain", ""))
+    shown = ("text/markdown", "text/plain")  # a displayed table's text/plain is only its repr
+    text = "".join(o.get("text", "") + "".join(next((o["data"][m] for m in shown if m in o.get("data", {})), ""))
                    for c in code for o in c.get("outputs", []))
     return params, text
 
@@ -122,7 +124,7 @@ def test_gpu_profile_runs_every_chapter_offline_from_the_hub_cache(checkout, hf_
     _, text = executed(checkout, "01_sink")
     assert "llama-2-7b: 3 layers x 4 heads; 2 sequences of 64 tokens from wikitext2" in text
     _, text = executed(checkout, "04_super_neurons")  # the reference values name the shape they hold for
-    assert "published (4096, 11008), measured (64, 128) -> DIFFERS" in text
+    assert "| (4096, 11008) | (64, 128) | DIFFERS |" in text  # the row: quantity, published, measured, verdict
     _, text = executed(checkout, "06_headwise")
     assert "budget: 4 steps for each of 4 variants" in text
 
