@@ -3,7 +3,7 @@
 requirements.txt pins the newest release, which the rest of the suite runs on. Here the oldest release pyproject
 admits and one in between (``compat.OTHER_TESTED_RELEASES``) are installed beside it (pip --target, put first on
 PYTHONPATH of a subprocess) and must pass the unit tests of trace, models, variants and interventions, and load
-every embedded model and measure the very numbers this process measures: a Colab runtime that keeps its own 4.x
+every embedded model and measure the very numbers the pin measures (one script, MEASURE, run on each): a Colab runtime that keeps its own 4.x
 transformers gets the same book.
 """
 import json
@@ -18,7 +18,7 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from sinkutils import compat, data, measure, models
+from sinkutils import compat, models
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT_TESTS = ["tests/test_trace.py", "tests/test_models.py", "tests/test_variants.py", "tests/test_interventions.py"]
@@ -107,21 +107,28 @@ def test_unit_tests_pass_on_every_supported_release(release):
     assert run.returncode == 0, f"transformers {version}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
 
 
-def test_embedded_models_measure_the_same_on_every_supported_release(release):
-    """Same token ids, same attention to token 0 and token-0 norm per layer (to float rounding) as here."""
-    version, env = release
+def _measure(env: dict) -> dict:
     run = subprocess.run([sys.executable, "-c", MEASURE], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, f"transformers {version}:\n{run.stderr[-4000:]}"
-    theirs = json.loads(run.stdout.split("MEASURED ", 1)[1])
-    assert theirs["transformers"] == version
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.split("MEASURED ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def pinned() -> dict:
+    """MEASURE on the pinned transformers, once for every release compared with it."""
+    return _measure(dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_embedded_models_measure_the_same_on_every_supported_release(release, pinned):
+    """Same token ids, same attention to token 0 and token-0 norm per layer (to float rounding) as on the pin."""
+    version, env = release
+    theirs = _measure(env)
+    assert theirs["transformers"] == version and pinned["transformers"] != version
     for name in models.EMBEDDED:
-        model, tok = models.load(name)
-        ids = data.token_batch(tok, data.python_docs(), n=4, length=64, seed=3)
-        prof = measure.sink_profile(model, ids)
-        assert theirs[name]["ids"] == ids.tolist(), name
-        torch.testing.assert_close(torch.tensor(theirs[name]["attention_to_first"]), prof.attention_to_first,
-                                   rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(theirs[name]["first_norm"]), prof.first_norm, rtol=1e-5, atol=1e-5)
+        assert theirs[name]["ids"] == pinned[name]["ids"], name
+        for key, atol in (("attention_to_first", 1e-6), ("first_norm", 1e-5)):
+            torch.testing.assert_close(torch.tensor(theirs[name][key]), torch.tensor(pinned[name][key]),
+                                       rtol=1e-5, atol=atol)
 
 
 def test_default_rope_theta_reads_both_layouts():
