@@ -3,8 +3,8 @@
 requirements.txt pins the newest release, which the rest of the suite runs on. Here the oldest release pyproject
 admits and one in between (``compat.OTHER_TESTED_RELEASES``) are installed beside it (pip --target, put first on
 PYTHONPATH of a subprocess) and must pass the unit tests of trace, models, variants and interventions, and load
-every embedded model and measure the very numbers the pin measures (one script, MEASURE, run on each): a Colab runtime that keeps its own 4.x
-transformers gets the same book.
+every embedded model and measure the very numbers the pin measures (one script, MEASURE, run on each): a Colab
+runtime that keeps its own 4.x transformers gets the same book.
 """
 import json
 import os
@@ -139,6 +139,7 @@ def test_default_rope_theta_reads_both_layouts():
 
     assert compat.default_rope_theta(LlamaConfig(rope_theta=500000.0)) == 500000.0
     assert compat.default_rope_theta(SimpleNamespace(rope_theta=10000.0, rope_scaling=None)) == 10000.0
-    assert compat.default_rope_theta(SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 3.0})) == 3.0
+    plain = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 3.0})
+    assert compat.default_rope_theta(plain) == 3.0
     with pytest.raises(ValueError, match="'llama3'"):
         compat.default_rope_theta(SimpleNamespace(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
