@@ -6,9 +6,11 @@ remote code is never trusted unless asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -31,6 +33,10 @@ HUB = {
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "qwen2-0.5b": "Qwen/Qwen2-0.5B",
     "qwen2-7b": "Qwen/Qwen2-7B",
+    # larger than one GPU: load them with device_map="auto" (profiles/gpu-70b.yml, book/running.md)
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
+    "qwen2-72b": "Qwen/Qwen2-72B",
     "smollm-135m": "HuggingFaceTB/SmolLM-135M",
     "smollm-360m": "HuggingFaceTB/SmolLM-360M",
 }
@@ -174,11 +180,18 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dtype: torch.dtype | None = None,
-         trust_remote_code: bool = False):
-    """(model, tokenizer) ready for ``trace``: eval mode, the sinkbook attention, on ``device``."""
+         trust_remote_code: bool = False, device_map: str | dict | None = None, max_memory: dict | None = None,
+         offload_folder: str | os.PathLike | None = None):
+    """(model, tokenizer) ready for ``trace``: eval mode, the sinkbook attention, on ``device``.
+
+    A model larger than one device is spread instead by accelerate's big-model inference: ``device_map="auto"``
+    fills every GPU, then the CPU, then disk (or give a dict module name -> GPU index, "cpu" or "disk"), each
+    device holding at most ``max_memory`` (e.g. ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``), weights offloaded
+    to disk kept in ``offload_folder``. Every measurement runs unchanged on a spread model (``spread``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    placement = _check_placement(device, device_map, max_memory, offload_folder)
     source, local = resolve(name_or_dir)
     device = check_device(device or default_device())
     if local:
@@ -190,6 +203,9 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
         if config.model_type not in FAMILIES:
             raise UnsupportedArchitecture(f"cannot instrument model_type {config.model_type!r}; "
                                           f"supported families: {FAMILIES} (Llama-like decoders)")
+        if placement and getattr(config, "sink_variant", "baseline") != "baseline":
+            raise ValueError(f"device_map spreads baseline models only; {source} is a "
+                             f"{config.sink_variant!r} model (small: load it with device=...)")
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if local:  # a local load is quick; its progress bar would only clutter the book's pages
             hf_logging.disable_progress_bar()
@@ -198,7 +214,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
             hf_logging.set_verbosity_error()
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, attn_implementation=attention.ATTN_NAME, use_safetensors=True,
-            trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype))
+            trust_remote_code=trust_remote_code, **compat.dtype_kwarg(dtype), **placement)
     except OSError as err:
         if local:
             raise ModelNotAvailable(f"could not load {source}: {' '.join(str(err).split())}") from err
@@ -211,7 +227,54 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
         hf_logging.set_verbosity(verbosity)
     check_architecture(model)
     variants.attach(model, source)
-    return model.to(device).eval(), tokenizer
+    return (model if placement else model.to(device)).eval(), tokenizer
+
+
+def _check_placement(device, device_map, max_memory, offload_folder) -> dict:
+    """``from_pretrained``'s placement arguments ({} for one device), or a ValueError for a mix that means nothing."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder place a model spread by device_map; give "
+                             "device_map='auto' (or a dict) with them, or device=... alone")
+        return {}
+    if device is not None:
+        raise ValueError(f"give device={device!r} (the whole model on one device) or device_map={device_map!r} "
+                         f"(spread over several), not both")
+    try:
+        import accelerate  # noqa: F401  - from_pretrained needs it for any device_map
+    except ImportError:
+        raise ValueError("device_map needs accelerate (requirements.txt pins it): pip install accelerate") from None
+    return {"device_map": device_map} | ({"max_memory": max_memory} if max_memory is not None else {}) \
+        | ({"offload_folder": str(offload_folder)} if offload_folder is not None else {})
+
+
+def placement(model) -> dict[str, str | int]:
+    """Module name -> device of a model spread by ``load(device_map=...)`` (accelerate's map: a GPU index,
+    "cpu" or "disk"); {} for a model on one device."""
+    return dict(getattr(model, "hf_device_map", None) or {})
+
+
+def spread(model) -> bool:
+    """Whether the model's layers live on more than one device or are offloaded (to the CPU or disk, where their
+    weights are meta placeholders between forward passes): then ``trace`` gathers what it records on the CPU."""
+    where = set(placement(model).values())
+    return len(where) > 1 or "disk" in where
+
+
+@contextlib.contextmanager
+def materialized(*modules: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the weights of ``modules`` (and their submodules) can be read: where accelerate offloaded
+    them (``load(device_map=...)`` with "cpu" or "disk" entries) they are meta placeholders outside their forward
+    pass, and are loaded onto their layer's execution device here. Nothing happens on a model on one device."""
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            for sub in module.modules():
+                hook = getattr(sub, "_hf_hook", None)
+                if hook is not None and getattr(hook, "offload", False):
+                    from accelerate.utils import align_module_device
+
+                    stack.enter_context(align_module_device(sub))
+        yield
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -98,7 +98,8 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
                                        desc="W_O alignment", layers=layers)
     result = {}
     for l in layers:
-        w = blocks[l].self_attn.o_proj.weight.detach().float().abs()  # Kendall on the model's device (GPU: fast)
+        with models.materialized(blocks[l].self_attn.o_proj):  # Kendall on the layer's device (GPU: fast)
+            w = blocks[l].self_attn.o_proj.weight.detach().float().abs()
         first, later = mean[l, "first"], mean[l, "later"]
         result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first.to(w.device)).cpu(),
                                 tau_later=metrics.kendall_tau(w, later.to(w.device)).cpu(), first_profile=first,
@@ -134,7 +135,8 @@ def ffn_norms(model, layer: int, z_threshold: float = 8.0) -> FFNNorms:
     s_n = ||W_gate[n]|| * ||W_up[n]|| (the gain of SwiGLU for an input aligned with both rows) has a robust
     z-score (median / MAD) above ``z_threshold``: a handful of outliers, never a fixed count."""
     mlp = models.decoder_layers(model)[models.check_layer(model, layer)].mlp
-    return ffn_norms_of(mlp.gate_proj.weight, mlp.up_proj.weight, layer, z_threshold)
+    with models.materialized(mlp):
+        return ffn_norms_of(mlp.gate_proj.weight, mlp.up_proj.weight, layer, z_threshold)
 
 
 def ffn_norms_of(gate_weight: torch.Tensor, up_weight: torch.Tensor, layer: int = -1,
@@ -201,10 +203,12 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
         for i, l in enumerate(layers):
             mlp, idx = blocks[l].mlp, neurons[l]
             x = ffn_in[i].float()
-            bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[idx].float()
+            with models.materialized(mlp):  # the rows, on the device the recorded input is on
+                gate, up = (w.weight[idx].float().to(x.device) for w in (mlp.gate_proj, mlp.up_proj))
+                bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[idx].float().to(x.device)
             p, act = parts[l], acts[i].float()
-            p["cos"].append(metrics.cosine(x[..., None, :], mlp.gate_proj.weight[idx].float()).cpu())
-            p["up"].append(F.linear(x, mlp.up_proj.weight[idx].float(), bias).cpu())
+            p["cos"].append(metrics.cosine(x[..., None, :], gate).cpu())
+            p["up"].append(F.linear(x, up, bias).cpu())
             p["act"].append(act[..., idx].cpu())
             p["first"] = p["first"] + act[:, 0].abs().sum(0)
             p["later"] = p["later"] + act[:, 1:].abs().mean(1).sum(0)
@@ -230,10 +234,11 @@ def down_column(model, layer: int, neuron: int, k: int = 2) -> DownColumn:
     """Fig 10: W_down[:, neuron], its excess kurtosis, its ``k`` largest-magnitude residual channels and their
     share of the squared norm (k / hidden for a flat column). For Llama-2-7B, layer 1, neuron 7890 the top
     channel is 2533: the super weight W_down[2533, 7890]."""
-    down = models.decoder_layers(model)[models.check_layer(model, layer)].mlp.down_proj.weight
-    if not 0 <= neuron < down.shape[1]:
-        raise ValueError(f"neuron {neuron} is out of range: this FFN has neurons 0..{down.shape[1] - 1}")
-    w = down[:, neuron].detach().float().cpu()
+    down_proj = models.decoder_layers(model)[models.check_layer(model, layer)].mlp.down_proj
+    if not 0 <= neuron < down_proj.weight.shape[1]:
+        raise ValueError(f"neuron {neuron} is out of range: this FFN has neurons 0..{down_proj.weight.shape[1] - 1}")
+    with models.materialized(down_proj):
+        w = down_proj.weight[:, neuron].detach().float().cpu()
     top = [int(c) for c in w.abs().topk(k).indices]
     return DownColumn(layer=layer, neuron=neuron, weights=w, kurtosis=float(metrics.excess_kurtosis(w)),
                       top_channels=top, top_share=float(metrics.top_share(w, k)))
@@ -367,7 +372,8 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
     out = {}
     for p, parts in states.items():
         x = torch.cat(parts, dim=1)  # (L, N, d) normalised inputs
-        keys = torch.stack([blocks[l].self_attn.k_proj(x[l]) for l in range(len(blocks))])  # (L, N, Hkv*D)
+        # k_proj runs where its layer lives (a spread model's hooks move x there); the keys come back beside x
+        keys = torch.stack([blocks[l].self_attn.k_proj(x[l]).to(x.device) for l in range(len(blocks))])  # (L, N, H*D)
         keys = keys.unflatten(-1, (-1, blocks[0].self_attn.head_dim)).transpose(1, 2)  # (L, Hkv, N, D)
         out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
     return DirectionLock(position=position, first_cos=out[0][0], position_cos=out[position][0],
@@ -378,7 +384,8 @@ def query_principal_directions(model, layer: int) -> torch.Tensor:
     """(H, D) per head the top left-singular vector of W_Q's head block (D x d): the query-space direction
     that W_Q stretches most, i.e. the principal axis of the queries of isotropic normalised inputs (Fig 12)."""
     attn = models.decoder_layers(model)[models.check_layer(model, layer)].self_attn
-    w = attn.q_proj.weight.detach().double().cpu().unflatten(0, (-1, attn.head_dim))  # (H, D, d)
+    with models.materialized(attn.q_proj):
+        w = attn.q_proj.weight.detach().double().cpu().unflatten(0, (-1, attn.head_dim))  # (H, D, d)
     return torch.linalg.svd(w, full_matrices=False).U[..., 0].float()
 
 

@@ -24,6 +24,11 @@ The attention quantities come from the registered attention function (``sinkutil
 holds the post-RoPE queries and keys: nothing is recomputed. Sink and entropy never build a (T x T) matrix
 (``attention.softmax_stats``). A recorder belongs to the model it was opened on: a forward pass of any other
 model does not write into it.
+
+Spread models (``models.load(device_map=...)``: consecutive layers on different GPUs, or offloaded to the CPU or
+disk) are recorded as well: each quantity is computed where its layer runs (the attention statistics inside the
+attention call, on that layer's device) and moved to the CPU as it is recorded, so ``rec[name]`` stacks layers that
+ran anywhere and no GPU holds more than its own layers' activations.
 """
 from __future__ import annotations
 
@@ -45,14 +50,20 @@ _FROM_ATTENTION = ("attn.q", "attn.k", "attn.v") + _ATTENTION_STATS  # what the 
 class Recorder:
     """What one ``record`` block captured: ``rec[name]`` stacks the recorded layers in order."""
 
-    def __init__(self, quantities: tuple[str, ...], layers: list[int], sink_index: int):
+    def __init__(self, quantities: tuple[str, ...], layers: list[int], sink_index: int,
+                 home: torch.device | None = None):
         self.quantities, self.layers, self.sink_index = quantities, layers, sink_index
+        self.home = home  # where recorded values are gathered: the CPU for a spread model, else where they ran
         self._data: dict[str, dict[int, torch.Tensor]] = {q: {} for q in quantities}
         self.real: torch.Tensor | None = None  # (batch, T) False at padding queries; None: no padding mask
         self._passes = 0
 
     def put(self, name: str, layer: int, value: torch.Tensor) -> None:
-        self._data[name][layer] = value.detach()
+        self._data[name][layer] = self.gathered(value.detach())
+
+    def gathered(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        """``value`` on ``home`` (the CPU for a spread model); unchanged on a model on one device."""
+        return value if value is None or self.home is None else value.to(self.home)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._data:
@@ -104,7 +115,7 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
         raise ValueError(f"unknown or no quantities {unknown or quantities}; choose from {QUANTITIES}")
     blocks = decoder_layers(model)
     layers = models.check_layers(model, layers, allow_empty=True)  # none: only the embedding output of ``resid``
-    rec = Recorder(tuple(quantities), layers, sink_index)
+    rec = Recorder(tuple(quantities), layers, sink_index, torch.device("cpu") if models.spread(model) else None)
     index = {block.self_attn: l for l, block in enumerate(blocks) if l in layers}
     want = tuple(q for q in _ATTENTION_STATS if q in quantities)
 
@@ -122,7 +133,7 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
                 rec.put(name, l, x.transpose(1, 2))  # (B, T, heads, head_dim), as attn.head_out
         if want:
             T, S = query.shape[2], key.shape[2]
-            rec.real = attention.real_queries(mask, T, S)
+            rec.real = rec.gathered(attention.real_queries(mask, T, S))
             for name, x in attention.stats(module, query, key, mask, scaling, sink_index, want).items():
                 rec.put(name, l, x)
 
@@ -132,7 +143,7 @@ def record(model, *quantities: str, layers: list[int] | None = None, sink_index:
     hooks = [blocks[0].register_forward_pre_hook(count_pass)]
     if "resid" in quantities:
         def embed_hook(_m, _inp, out):
-            rec._data["resid"][-1] = out.detach()
+            rec._data["resid"][-1] = rec.gathered(out.detach())
         hooks.append(model.get_input_embeddings().register_forward_hook(embed_hook))
     for l, block in enumerate(blocks):
         if l not in layers:
