@@ -217,25 +217,82 @@ def test_untied_run_resumes_ships_and_loads_with_its_own_lm_head(data_dir, tmp_p
         train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "x"), "--tie-embeddings", "maybe"])
 
 
-def test_torchrun_two_processes_follow_the_single_process_run(data_dir, tmp_path):
-    """2 CPU processes (gloo), each half of every batch: same trajectory up to float summation order."""
-    args = dict(variant="gated", steps=6, eval_every=3)
+# Run by torchrun in place of ``-m sinkutils.train``: the real CLI, with train_step and _save wrapped to log, per rank,
+# the rows each step trained on and every checkpoint written, and to SIGKILL a rank once before a chosen step.
+SPY = """
+import json, os, signal, sys
+from pathlib import Path
+from sinkutils import train
+
+rank, folder = int(os.environ["RANK"]), Path(os.environ["SPY_DIR"])
+kills = dict(k.split(":") for k in os.environ.get("SPY_KILL", "").split(",") if k)  # rank -> step
+
+def note(**entry):
+    with (folder / f"rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+def train_step(model, opt, cfg, ids, step, real=train.train_step):
+    marker = folder / f"killed-{rank}"
+    if kills.get(str(rank)) == str(step) and not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    note(step=step, rows=ids.tolist())
+    return real(model, opt, cfg, ids, step)
+
+def save(model, opt, cfg, step, *args, real=train._save):
+    note(saved=step)
+    return real(model, opt, cfg, step, *args)
+
+train.train_step, train._save = train_step, save
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_processes_follow_the_single_process_run_through_kills(data_dir, tmp_path):
+    """2 CPU processes (gloo), each half of every batch: the single-process trajectory up to float summation order,
+    also when a rank is killed. torchrun restarts the workers (``--max-restarts``), which resume from the last
+    checkpoint: rank 1 is killed before step 3 and, in the restarted run, rank 0 before step 5. Every checkpoint
+    is written by rank 0 alone, and the two ranks' rows of each step are the two halves of the one-process batch."""
+    from transformers import AutoTokenizer
+
+    args = dict(variant="gated", steps=8, eval_every=4, ckpt_every=2)
     single = train.train(tiny_cfg(data_dir, tmp_path / "one", **args))
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(tiny_cfg(data_dir, tmp_path / "two",
-                                                                                   **args)).items()]
+    cfg = tiny_cfg(data_dir, tmp_path / "two", **args)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()]
+    (tmp_path / "spy.py").write_text(SPY)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env |= {"SPY_DIR": str(tmp_path), "SPY_KILL": "1:3,0:5", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "sinkutils.train", "run", *flags], capture_output=True, text=True, timeout=120,
-                         env=env, cwd=Path(__file__).parents[1])
+                          "--max-restarts=2", str(tmp_path / "spy.py"), "run", *flags], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("step 3: val") == 1  # only rank 0 reports
+    assert (tmp_path / "killed-0").exists() and (tmp_path / "killed-1").exists()
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     log = json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["log"]
+    assert [e["step"] for e in log] == [e["step"] for e in single["log"]] == [4, 8]
     for x, y in zip(single["log"], log):
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
+    assert run.stdout.count("step 4: val") == 1 and run.stdout.count("step 8: val") == 1  # only rank 0 reports
+    entries = {r: [json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    # three attempts: from step 0 (rank 1 killed before step 3), resumed at 2 (rank 0 killed before 5), resumed at
+    # 4 to the end; the rank not killed may have begun the step the other died before. Checkpoints: by rank 0 only.
+    for r in (0, 1):
+        steps = [e["step"] for e in entries[r] if "step" in e]
+        assert [s for prev, s in zip(steps, steps[1:]) if s <= prev] == [2, 4] and steps[-1] == 7, (r, steps)
+    assert [e["saved"] for e in entries[0] if "saved" in e] == [2, 4, 6, 8]
+    assert not [e for e in entries[1] if "saved" in e]
+    assert not (tmp_path / "two" / "checkpoint.tmp").exists()
+    tokenizer = AutoTokenizer.from_pretrained(Path(data_dir) / "tokenizer")
+    stream = load_file(Path(data_dir) / "tokens.safetensors")["train"]
+    half = cfg.batch_size // 2
+    for step in range(cfg.steps):
+        whole = train.batch(stream, cfg, step, tokenizer.bos_token_id, len(tokenizer)).tolist()
+        shards = {r: [e["rows"] for e in entries[r] if e.get("step") == step] for r in (0, 1)}
+        for r in (0, 1):  # every attempt that ran the step gave each rank its own half, nothing else
+            assert shards[r] and all(rows == whole[r * half:(r + 1) * half] for rows in shards[r]), (step, r)
 
 
 def test_document_bos_opens_every_document_and_keeps_the_stream():
