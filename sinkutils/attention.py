@@ -33,6 +33,8 @@ _TINY = 1e-30
 _taps: dict[nn.Module, list[Callable]] = {}
 # (self_attn modules or None for every module, edit(mask, q_len, kv_len, device) -> mask)
 _mask_edits: list[tuple[frozenset | None, Callable]] = []
+# how many edits of attention outputs are open (``interventions.edit_head_output``)
+_output_edits = [0]
 
 
 def variant_of(module) -> str:
@@ -101,30 +103,47 @@ def expand_kv(x: torch.Tensor, n_heads: int, dim: int = 1) -> torch.Tensor:
 def softmax_stats(query, key, mask, scaling: float, sink_index: int, want: tuple[str, ...]) -> dict:
     """Sink weight, entropy and/or full pattern of softmax attention for one layer, from post-RoPE queries
     (B, H, T, D) and keys (B, Hkv, S, D); ``want`` names them as ``trace`` does (``attn.sink``, ``attn.entropy``,
-    ``attn.pattern``).
-
-    Sink and entropy never build a (T x S) matrix: one fused attention pass uses the keys as values, giving
-    E_p[k] and the log-partition log Z (``compat.attention_with_lse``). With the sink's logit s_s its weight is
-    p_s = exp(s_s - log Z), and the entropy is log Z - scale * q . E_p[k]."""
-    H, T = query.shape[1:3]
-    S = key.shape[2]
+    ``attn.pattern``). Sink and entropy never build a (T x S) matrix (``softmax_key_weights``)."""
     out: dict[str, torch.Tensor] = {}
     if "attn.pattern" in want:
-        k = expand_kv(key, H).float()
-        scores = (query.float() @ k.transpose(-1, -2)) * scaling + as_additive(mask, T, S, torch.float32,
-                                                                                query.device)
-        out["attn.pattern"] = scores.softmax(-1)
+        out["attn.pattern"] = next(softmax_pattern_chunks(query, key, mask, scaling, chunk=query.shape[2]))[1]
     if not {"attn.sink", "attn.entropy"} & set(want):
         return out
-    check_sink_index(sink_index, S)
+    weights, entropy = softmax_key_weights(query, key, mask, scaling, (sink_index,), "attn.entropy" in want)
+    if "attn.sink" in want:
+        out["attn.sink"] = weights[0]
+    if entropy is not None:
+        out["attn.entropy"] = entropy
+    return out
+
+
+def softmax_key_weights(query, key, mask, scaling: float, keys: tuple[int, ...],
+                        entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(len(keys), B, H, T) softmax weight each query gives each key of ``keys``, and with ``entropy`` the (B, H, T)
+    entropy of each query's distribution, without a (T x S) matrix: one fused attention pass with the keys as values
+    gives E_p[k] and the log-partition log Z (``compat.attention_with_lse``). With key j's logit s_j its weight is
+    p_j = exp(s_j - log Z), and the entropy is log Z - scale * q . E_p[k]."""
+    H, T = query.shape[1:3]
+    S = key.shape[2]
+    for j in keys:
+        check_sink_index(j, S)
     q, k = query.float(), expand_kv(key, H).float()
     expected_k, log_z = compat.attention_with_lse(q, k, k, scaling, **_sdpa_mask(mask, T, S, q.device))
-    s_sink = (q * k[:, :, sink_index, None, :]).sum(-1) * scaling + _mask_column(mask, T, S, sink_index, q.device)
-    if "attn.sink" in want:
-        out["attn.sink"] = torch.exp(s_sink - log_z)
-    if "attn.entropy" in want:
-        out["attn.entropy"] = log_z - scaling * (q * expected_k).sum(-1)
-    return out
+    weights = torch.stack([torch.exp((q * k[:, :, j, None, :]).sum(-1) * scaling + _mask_column(mask, T, S, j, q.device)
+                                     - log_z) for j in keys])
+    return weights, (log_z - scaling * (q * expected_k).sum(-1)) if entropy else None
+
+
+def softmax_pattern_chunks(query, key, mask, scaling: float, chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first query, (B, H, c, S) attention maps of queries first..first+c-1)`` in float32, ``chunk`` queries at a
+    time: every row of the full map, with memory of one chunk (a softmax row needs only its own logits)."""
+    H, T = query.shape[1:3]
+    S = key.shape[2]
+    k = expand_kv(key, H).float().transpose(-1, -2)
+    additive = as_additive(mask, T, S, torch.float32, query.device)
+    for start in range(0, T, chunk):
+        scores = (query[:, :, start:start + chunk].float() @ k) * scaling + additive[..., start:start + chunk, :]
+        yield start, scores.softmax(-1)
 
 
 def check_sink_index(sink_index: int, n_keys: int) -> None:
@@ -148,16 +167,34 @@ def stats(module, query, key, mask, scaling: float, sink_index: int, want: tuple
     sum 1 (0 for a row of zeros)."""
     if variant_of(module) != "sigmoid":
         return softmax_stats(query, key, mask, scaling, sink_index, want)
-    weights = sigmoid_weights(query, key, mask, scaling)
-    check_sink_index(sink_index, weights.shape[-1])
     out: dict[str, torch.Tensor] = {}
     if "attn.pattern" in want:
-        out["attn.pattern"] = weights
-    if "attn.sink" in want:
-        out["attn.sink"] = weights[..., sink_index]
-    if "attn.entropy" in want:
-        out["attn.entropy"] = metrics.entropy(weights / weights.sum(-1, keepdim=True).clamp_min(_TINY))
+        out["attn.pattern"] = sigmoid_weights(query, key, mask, scaling)
+    if {"attn.sink", "attn.entropy"} & set(want):
+        weights, entropy = key_weights(module, query, key, mask, scaling, (sink_index,), "attn.entropy" in want)
+        out |= {"attn.sink": weights[0]} if "attn.sink" in want else {}
+        out |= {"attn.entropy": entropy} if entropy is not None else {}
     return out
+
+
+def key_weights(module, query, key, mask, scaling: float, keys: tuple[int, ...],
+                entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax_key_weights`` under the module's variant: for ``sigmoid`` the raw sigmoid weights of ``keys`` and the
+    entropy of each query's weights normalised to sum 1 (0 for a row of zeros), as ``stats`` reports them."""
+    if variant_of(module) != "sigmoid":
+        return softmax_key_weights(query, key, mask, scaling, keys, entropy)
+    weights = sigmoid_weights(query, key, mask, scaling)
+    for j in keys:
+        check_sink_index(j, weights.shape[-1])
+    ent = metrics.entropy(weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)) if entropy else None
+    return torch.stack([weights[..., j] for j in keys]), ent
+
+
+def pattern_chunks(module, query, key, mask, scaling: float, chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
+    """``softmax_pattern_chunks`` under the module's variant (sigmoid: its raw weights, in one chunk)."""
+    if variant_of(module) != "sigmoid":
+        return softmax_pattern_chunks(query, key, mask, scaling, chunk)
+    return iter([(0, sigmoid_weights(query, key, mask, scaling))])
 
 
 def attend(module, query, key, value, mask, scaling: float, dropout: float,
@@ -227,3 +264,19 @@ def mask_edit(edit: Callable, modules: Iterable[nn.Module] | None = None) -> Ite
         yield
     finally:
         _mask_edits.remove(entry)
+
+
+@contextlib.contextmanager
+def output_edit() -> Iterator[None]:
+    """Mark an edit of attention outputs as open for the block (``interventions.edit_head_output``; ``editing``)."""
+    _output_edits[0] += 1
+    try:
+        yield
+    finally:
+        _output_edits[0] -= 1
+
+
+def editing() -> bool:
+    """True while a mask edit or an edit of attention outputs is open: what is measured now is not the unedited
+    model's, so ``store`` neither reuses nor keeps it."""
+    return bool(_mask_edits) or _output_edits[0] > 0

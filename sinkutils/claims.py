@@ -204,14 +204,19 @@ def mask_moves_sink(model, ids: torch.Tensor, *, k: int = 10, epsilon: float = S
 
 
 def variance_draws_attention(model, ids: torch.Tensor, *, k: int = 10, lambdas: list[float] | None = None,
-                             layer: int = 0, batch_size: int = 8,
+                             layer: int | None = None, batch_size: int = 8,
                              sweep: measure.LambdaSweep | None = None) -> Claim:
     """Fig 6, 20: amplifying the variance of token k's attention output at ``layer`` by the largest lambda raises
     the attention k receives (``LambdaSweep.gains``) by more than 5%, and the norm-only control raises it by less
-    than ``CONTROL_SHARE`` of that rise."""
+    than ``CONTROL_SHARE`` of that rise. ``layer`` defaults to where the chain runs: the layer whose attention output
+    feeds token 0's massive activation (``SinkProfile.variance_layer``, as in ``variance_discrepancy``); with a
+    ``sweep``, the first layer it edited."""
     if sweep is None:
         lambdas = [1.0, 16.0] if lambdas is None else lambdas
+        layer = _variance_layer(model, ids, layer, batch_size)
         sweep = measure.lambda_sweep(model, ids, k, lambdas, [layer], batch_size=batch_size, progress=False)
+    elif layer is None:
+        layer = sweep.applied[0]
     amp, ctrl = sweep.gains(layer)
     holds = amp > RISE and max(ctrl - 1, 0) < CONTROL_SHARE * (amp - 1)
     return Claim("variance_draws_attention", 3, "Fig 6, 20", "the variance, not the norm, draws attention to k",
@@ -413,8 +418,7 @@ def rmsnorm_locks_direction(model, ids: torch.Tensor, *, position: int | None = 
     p = _residual(model, ids, batch_size, profile)
     after, n = p.disparity_layer + 1, len(p.first_dominance) - 1
     if lock is None:
-        no_bos = structure.distinct_first_tokens(ids[:, 1:])
-        lock = structure.direction_lock(model, no_bos, position=position, batch_size=batch_size)
+        lock = structure.direction_lock(model, ids[:, 1:], position=position, batch_size=batch_size, distinct=True)
     statement = "RMSNorm locks token 0's direction (any first token)"
     criterion = (f"in the layer after the disparity: token 0's cosine across inputs above {LOCKED:g} (state and key), "
                  f"the comparison token's below {UNLOCKED:g}")

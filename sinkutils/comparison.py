@@ -49,15 +49,9 @@ def head_imbalance(model, ids: torch.Tensor, min_query: int = 4, batch_size: int
     its attention averages the variance away."""
     models.check_length(model, ids.shape[1])
     metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
-
-    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
-        var = metrics.dimension_variance(rec["attn.head_out"].float())  # (L, B, T, H)
-        return {"entropy": rec["attn.entropy"].float()[..., min_query:].mean(-1).sum(1),
-                "variance": var[:, :, min_query:].mean(2).sum(1),
-                "sink": rec["attn.sink"].float()[..., min_query:].mean(-1).sum(1)}
-
-    return HeadImbalance(**measure.mean_over_sequences(model, ids, ("attn.entropy", "attn.sink", "attn.head_out"),
-                                                       summed, batch_size=batch_size, desc="head imbalance"),
+    found = measure.survey(model, ids, batch_size=batch_size)
+    return HeadImbalance(**{name: found.mean(key)[..., min_query:].mean(-1).float() for name, key in
+                            (("entropy", "entropy"), ("variance", "head_var"), ("sink", "sink"))},
                          min_query=min_query)
 
 

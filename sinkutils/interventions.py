@@ -146,7 +146,8 @@ def edit_head_output(model, k: int, layer: int, transform: Callable[[torch.Tenso
 
     handle = attn.o_proj.register_forward_pre_hook(hook)
     try:
-        yield
+        with attention.output_edit():
+            yield
     finally:
         handle.remove()
 

@@ -12,9 +12,10 @@ import os
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sinkutils import attention, interventions, metrics, models, trace
+from sinkutils import attention, compat, interventions, metrics, models, trace
 
 
 def check_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ def recorded(model, ids: torch.Tensor, *quantities: str, batch_size: int = 8, de
     ``batch_size``, recording ``quantities`` (``trace.record``'s arguments)."""
     for chunk in batches(ids, batch_size, desc, progress):
         with trace.record(model, *quantities, layers=layers, sink_index=sink_index) as rec:
-            model(input_ids=chunk.to(model.device))
+            decoder(model)(input_ids=chunk.to(model.device))
         yield chunk.shape[0], rec
 
 
@@ -104,25 +105,12 @@ class SinkProfile:
         return self.norm_spike_layer - 1
 
 
-@torch.no_grad()
 def sink_profile(model, ids: torch.Tensor, epsilon: float = 0.3, min_query: int = 4,
                  batch_size: int = 8) -> SinkProfile:
     """Attention to token 0 and the input norms of token 0 and of the later tokens, per layer, averaged over the
-    rows of ``ids``."""
-    sinks, first, later = [], [], []
+    rows of ``ids`` (read from the ``survey``)."""
     metrics.check_min_query(min_query, check_ids(ids).shape[1])
-    for _, rec in recorded(model, ids, "attn.sink", "resid", batch_size=batch_size, desc="sink profile"):
-        sinks.append(rec["attn.sink"].float().cpu())
-        norms = rec["resid"][:-1].float().norm(dim=-1).cpu()  # inputs of layers 0..L-1: (L, B, T)
-        first.append(norms[:, :, 0])
-        later.append(norms[:, :, 1:].mean(-1))
-    sink = torch.cat(sinks, dim=1)
-    return SinkProfile(
-        attention_to_first=metrics.mean_sink(sink, min_query),
-        per_head=sink[..., min_query:].mean(dim=(1, 3)),
-        sink_rate=metrics.sink_rate(sink, epsilon, min_query),
-        first_norm=torch.cat(first, 1).mean(1), later_norm=torch.cat(later, 1).mean(1),
-        epsilon=epsilon, min_query=min_query)
+    return survey(model, ids, batch_size=batch_size).sink_profile(epsilon, min_query)
 
 
 @torch.no_grad()
@@ -178,42 +166,17 @@ def aggregation_prediction(pattern: torch.Tensor, value_var: torch.Tensor) -> tu
     return (p2 @ value_var.float().unsqueeze(-1)).squeeze(-1), p2.sum(-1)
 
 
-@torch.no_grad()
-def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None, batch_size: int = 8,
-                     layers_per_pass: int = 4) -> VarianceProfile:
-    """Measured and predicted dimension-wise variance of per-head attention outputs by position (Fig 1, 23).
-
-    The prediction needs the attention maps (``attn.pattern``): at most ``layers_per_pass`` layers are held
-    per forward pass, one batch of ``batch_size`` sequences at a time."""
-    layers = models.check_layers(model, layers)
-    heads = model.config.num_attention_heads
-
-    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
-        head_out, pattern, values = rec["attn.head_out"], rec["attn.pattern"], rec["attn.v"]
-        got = {name: [] for name in ("measured", "predicted", "value_var", "sum_p2")}
-        for i in range(len(rec.layers)):  # head_out (G,B,T,H,D), pattern (G,B,H,T,S), values (G,B,S,Hkv,D)
-            vvar = attention.expand_kv(metrics.dimension_variance(values[i]), heads, dim=-1).transpose(1, 2).float()
-            pred, p2 = aggregation_prediction(pattern[i], vvar)  # vvar: (B, H, S)
-            for name, value in (("measured", metrics.dimension_variance(head_out[i]).transpose(1, 2)),
-                                ("predicted", pred), ("value_var", vvar), ("sum_p2", p2)):
-                got[name].append(value.sum(0))
-        return {name: torch.stack(v) for name, v in got.items()}
-
-    groups = [layers[i:i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
-    means = [mean_over_sequences(model, ids, ("attn.v", "attn.head_out", "attn.pattern"), summed,
-                                 batch_size=batch_size, desc=f"variance profile, layers {group[0]}..{group[-1]}",
-                                 layers=group) for group in groups]
-    return VarianceProfile(**{name: torch.cat([m[name] for m in means]) for name in means[0]}, layers=layers)
+def variance_profile(model, ids: torch.Tensor, layers: list[int] | None = None,
+                     batch_size: int = 8) -> VarianceProfile:
+    """Measured and predicted dimension-wise variance of per-head attention outputs by position (Fig 1, 23), read
+    from the ``survey`` (the prediction reads each layer's attention maps a chunk of queries at a time)."""
+    return survey(model, ids, batch_size=batch_size).variance_profile(models.check_layers(model, layers))
 
 
-@torch.no_grad()
 def position_variance(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(layers, heads, T) dimension-wise variance of per-head attention outputs, mean over sequences; no
-    attention maps, so cheap at any length (chapter 3 compares it with and without an intervention)."""
-    return mean_over_sequences(
-        model, ids, ("attn.head_out",),
-        lambda rec: metrics.dimension_variance(rec["attn.head_out"]).sum(1).transpose(1, 2),
-        batch_size=batch_size, desc="position variance")
+    """(layers, heads, T) dimension-wise variance of per-head attention outputs, mean over sequences (chapter 3
+    compares it with and without an intervention; inside one the ``survey`` is measured afresh)."""
+    return survey(model, ids, batch_size=batch_size).mean("head_var").float()
 
 
 # --- chapter 3: moving the sink (Fig 5, 6, 19, 20) --------------------------------------------------------
@@ -255,19 +218,26 @@ class MaskEffect:
 @torch.no_grad()
 def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = None, batch_size: int = 8,
                 progress: bool = True) -> MaskEffect:
-    """Attention to ``k`` and to token 0 per layer, then attention to ``k`` under
-    ``interventions.block_aggregation(model, k, layers)`` (default: all layers)."""
+    """Attention to ``k`` and to token 0 per layer (the ``survey``'s), then attention to ``k`` under
+    ``interventions.block_aggregation(model, k, layers)`` (default: all layers): one pass of its own, kept by
+    ``store``."""
+    from sinkutils import store
+
     k = interventions.check_position(k, ids.shape[-1], attended=True)
     n = models.n_layers(model)
     layers = sorted(set(models.check_layers(model, layers)))
     if min(layers) == n - 1:
         raise ValueError(f"a mask only at the last layer ({n - 1}) cannot change attention to k in any later "
                          f"layer; choose layers from 0..{n - 2}")
-    before = attention_to(model, ids, k, batch_size, progress).mean(-1)
-    first = attention_to(model, ids, 0, batch_size, progress).mean(-1)
-    with interventions.block_aggregation(model, k, layers):
-        after = attention_to(model, ids, k, batch_size, progress).mean(-1)
-    return MaskEffect(k=k, masked_layers=layers, before=before, after=after, first=first)
+
+    def measured() -> MaskEffect:
+        base = survey(model, ids, k=k, batch_size=batch_size, progress=progress)
+        with interventions.block_aggregation(model, k, layers):
+            after = attention_to(model, ids, k, batch_size, progress).mean(-1)
+        return MaskEffect(k=k, masked_layers=layers, before=base.attention_to(k).mean(-1).float(), after=after,
+                          first=base.attention_to(0).mean(-1).float())
+
+    return store.cached("mask_effect", model, ids, dict(k=k, layers=layers, batch_size=batch_size), measured)
 
 
 @torch.no_grad()
@@ -315,18 +285,236 @@ class LambdaSweep:
 def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied: list[int],
                  batch_size: int = 8, progress: bool = True) -> LambdaSweep:
     """Variance amplification and its norm-only control at position ``k``, one run per (layer, lambda, mode)
-    (``interventions.amplify_variance`` / ``scale_norm``). The control is defined for lambda >= 1 only."""
+    (``interventions.amplify_variance`` / ``scale_norm``), against the ``survey``'s attention to ``k``; kept by
+    ``store``. The control is defined for lambda >= 1 only."""
+    from sinkutils import store
+
     k = interventions.check_position(k, ids.shape[1], attended=True)
     lambdas = [interventions.check_lambda(lam) for lam in lambdas]
     n = models.n_layers(model)
     applied = [interventions.check_edit_layer(model, l) for l in applied]
-    base = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
-    curves = {mode: torch.full((len(applied), len(lambdas), n), float("nan")) for mode in interventions.INTERVENTIONS}
-    for mode in curves:  # lambda = 1 leaves the output unchanged in both modes (tested): no run needed
-        curves[mode][:, [j for j, lam in enumerate(lambdas) if lam == 1.0]] = base
-    runs = [(i, layer, j, lam, mode) for i, layer in enumerate(applied) for j, lam in enumerate(lambdas)
-            for mode in interventions.INTERVENTIONS if lam != 1.0 and not (mode == "norm" and lam < 1)]
-    for i, layer, j, lam, mode in _progress(runs, "lambda sweep", quiet=not progress):
-        with interventions.INTERVENTIONS[mode](model, k, lam, layer):
-            curves[mode][i, j] = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
-    return LambdaSweep(k=k, lambdas=lambdas, applied=list(applied), curves=curves, baseline=base)
+
+    def measured() -> LambdaSweep:
+        base = survey(model, ids, k=k, batch_size=batch_size, progress=False).attention_to(k).mean(-1).float()
+        curves = {mode: torch.full((len(applied), len(lambdas), n), float("nan"))
+                  for mode in interventions.INTERVENTIONS}
+        for mode in curves:  # lambda = 1 leaves the output unchanged in both modes (tested): no run needed
+            curves[mode][:, [j for j, lam in enumerate(lambdas) if lam == 1.0]] = base
+        runs = [(i, layer, j, lam, mode) for i, layer in enumerate(applied) for j, lam in enumerate(lambdas)
+                for mode in interventions.INTERVENTIONS if lam != 1.0 and not (mode == "norm" and lam < 1)]
+        for i, layer, j, lam, mode in _progress(runs, "lambda sweep", quiet=not progress):
+            with interventions.INTERVENTIONS[mode](model, k, lam, layer):
+                curves[mode][i, j] = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
+        return LambdaSweep(k=k, lambdas=lambdas, applied=list(applied), curves=curves, baseline=base)
+
+    return store.cached("lambda_sweep", model, ids, dict(k=k, lambdas=lambdas, applied=applied,
+                                                          batch_size=batch_size), measured)
+
+# --- one recorded pass: everything chapters 1-5 read -----------------------------------------------------
+
+@dataclasses.dataclass
+class Survey:
+    """What chapters 1-5 read about a model on ``ids``, from one forward pass per batch (``survey``), each quantity
+    reduced while its layer runs: ``sums`` over the sequences (``mean`` divides), and a few vectors kept per sequence
+    (``rows``). Memory is O(layers x heads x T) per batch: no (T x T) map is kept.
+
+    ``sums`` (L layers, H query heads, T positions, d width, F FFN width; depth = L + 1 with the embeddings at 0):
+    ``sink`` / ``to_k`` (L, H, T) attention each query gives token 0 / token ``k``; ``entropy`` (L, H, T);
+    ``head_var`` (L, H, T) dimension-wise variance of per-head attention outputs; ``value_var``, ``predicted``,
+    ``sum_p2`` (L, H, T) the aggregation prediction (``aggregation_prediction``); ``wo_first`` / ``wo_later``
+    (L, H*D) per-dimension squared deviations at W_O's input, token 0 / positions >= ``min_query``; ``wo_in`` /
+    ``wo_out`` (L, T) dimension-wise variance before / after W_O; ``positivity`` (L, H) share of queries t >= 1
+    with a positive logit toward token 0; ``act_first`` / ``act_later`` (L, F) mean |FFN activation|; ``first_sq``,
+    ``later_sq`` (depth, d), ``first_dominance``, ``later_dominance``, ``first_norm``, ``later_norm``,
+    ``effective_rank``, ``effective_rank_later`` (depth,) the residual stream.
+    ``rows``: ``sink_key`` (L, N, Hkv, D) token 0's key; ``state_first`` / ``state_position`` (L, N, d) attention's
+    normalised input at token 0 / at ``position``; ``neuron_cos``, ``neuron_up``, ``neuron_act`` (L, N, T) for each
+    layer's ``followed`` FFN neuron (the largest W_gate / W_up norm product)."""
+
+    n: int
+    length: int
+    k: int
+    min_query: int
+    position: int
+    followed: list[int]
+    sums: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The mean over sequences of a summed quantity, in float32 (the sums are kept in float64)."""
+        return (self.sums[name] / self.n).float()
+
+    def attention_to(self, key: int) -> torch.Tensor:
+        """(layers, heads) ``attention_to``: mean attention the queries after ``key`` (0 or ``k``) give it."""
+        if key not in (0, self.k):
+            raise ValueError(f"this survey recorded attention to tokens 0 and {self.k}, not {key}")
+        return self.mean("sink" if key == 0 else "to_k")[..., key + 1:].mean(-1)
+
+    def sink_profile(self, epsilon: float = 0.3, min_query: int = 4) -> SinkProfile:
+        metrics.check_min_query(min_query, self.length)
+        sink = self.mean("sink")[:, None]  # (L, 1, H, T): the sequence mean as a batch of one
+        return SinkProfile(attention_to_first=metrics.mean_sink(sink, min_query),
+                           per_head=sink[:, 0, :, min_query:].mean(-1),
+                           sink_rate=metrics.sink_rate(sink, epsilon, min_query),
+                           first_norm=self.mean("first_norm")[:-1], later_norm=self.mean("later_norm")[:-1],
+                           epsilon=epsilon, min_query=min_query)
+
+    def variance_profile(self, layers: list[int] | None = None) -> VarianceProfile:
+        layers = list(range(len(self.sums["sink"]))) if layers is None else list(layers)
+        return VarianceProfile(measured=self.mean("head_var")[layers], predicted=self.mean("predicted")[layers],
+                               value_var=self.mean("value_var")[layers], sum_p2=self.mean("sum_p2")[layers],
+                               layers=layers)
+
+
+#: the second key a ``survey`` records attention to, unless told (chapter 3's mask position)
+SURVEY_K = 10
+
+
+@torch.no_grad()
+def survey(model, ids: torch.Tensor, k: int | None = None, min_query: int = 4, position: int | None = None,
+           batch_size: int = 8, progress: bool = True) -> Survey:
+    """The one recorded pass (``Survey``) of ``model`` over ``ids``, kept by ``store``: the same weights, ids and
+    arguments are measured once per process, and once per build where ``SINKBOOK_STORE`` is set. ``k``: the second
+    key whose attention is recorded (chapter 3's mask position); ``position``: where ``rows`` keeps the normalised
+    state besides token 0 (default: the middle, ``direction_lock``'s comparison token). ``k`` defaults to
+    ``SURVEY_K`` (chapter 3's default), or T - 2 for shorter rows (token 0 itself for rows of 2)."""
+    from sinkutils import store
+
+    T = check_ids(ids).shape[1]
+    k = (min(SURVEY_K, T - 2) if T > 2 else 0) if k is None else interventions.check_position(k, T, attended=True)
+    metrics.check_min_query(min_query, T)
+    position = T // 2 if position is None else position
+    if not 0 < position < T:
+        raise ValueError(f"position must lie in 1..{T - 1}, got {position}")
+    params = dict(k=k, min_query=min_query, position=position, batch_size=batch_size)
+    return store.cached("survey", model, ids, params,
+                        lambda: _survey(model, ids, k, min_query, position, batch_size, progress))
+
+
+def followed_neurons(model) -> list[int]:
+    """Per layer, the FFN neuron with the largest ||W_gate[n]|| * ||W_up[n]|| (``structure.ffn_norms``' score): the
+    neuron chapter 4 follows (a super neuron when the layer has one)."""
+    return [int((m.gate_proj.weight.detach().float().norm(dim=1) * m.up_proj.weight.detach().float().norm(dim=1))
+                .cpu().argmax()) for m in (block.mlp for block in models.decoder_layers(model))]
+
+
+def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
+    blocks = models.decoder_layers(model)
+    followed = followed_neurons(model)
+    index = {block.self_attn: l for l, block in enumerate(blocks)}
+    sums: dict[str, dict[int, torch.Tensor]] = {}
+    rows: dict[str, dict[int, list[torch.Tensor]]] = {}
+    inputs: dict[int, torch.Tensor] = {}  # each layer's FFN input, until its activations arrive
+
+    def add(name: str, l: int, value: torch.Tensor) -> None:  # summed over the batch already
+        got = sums.setdefault(name, {})
+        value = value.double().cpu()
+        got[l] = got[l] + value if l in got else value
+
+    def keep(name: str, l: int, value: torch.Tensor) -> None:  # one entry per sequence
+        rows.setdefault(name, {}).setdefault(l, []).append(value.float().cpu())
+
+    def from_attention(module, query, key, value, mask, scaling):
+        l = index[module]
+        (to_first, to_k), entropy = attention.key_weights(module, query, key, mask, scaling, (0, k), entropy=True)
+        add("sink", l, to_first.sum(0))
+        add("to_k", l, to_k.sum(0))
+        add("entropy", l, entropy.sum(0))
+        H = query.shape[1]
+        vvar = attention.expand_kv(metrics.dimension_variance(value), H)  # (B, H, S)
+        predicted, p2 = [], []
+        for _, p in attention.pattern_chunks(module, query, key, mask, scaling):
+            pred, s2 = aggregation_prediction(p, vvar)
+            predicted.append(pred)
+            p2.append(s2)
+        add("value_var", l, vvar.float().sum(0))
+        add("predicted", l, torch.cat(predicted, -1).sum(0))
+        add("sum_p2", l, torch.cat(p2, -1).sum(0))
+        k0 = attention.expand_kv(key[:, :, 0].float(), H)  # (B, H, D): token 0's key, the same before and after RoPE
+        add("positivity", l, metrics.positivity_ratio((query.float() * k0[:, :, None]).sum(-1)[..., 1:]).sum(0))
+        keep("sink_key", l, key[:, :, 0])
+
+    def w_o(l: int):
+        def hook(_m, args, out):
+            x = args[0].float()  # (B, T, H*D): the per-head attention outputs W_O reads
+            heads = x.unflatten(-1, (-1, blocks[l].self_attn.head_dim))
+            add("head_var", l, metrics.dimension_variance(heads).transpose(1, 2).sum(0))
+            dev = (x - x.mean(-1, keepdim=True)).pow(2)
+            add("wo_first", l, dev[:, 0].sum(0))
+            add("wo_later", l, dev[:, min_query:].mean(1).sum(0))
+            add("wo_in", l, metrics.dimension_variance(x).sum(0))
+            add("wo_out", l, metrics.dimension_variance(out.float()).sum(0))
+        return hook
+
+    def attention_input(l: int):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            keep("state_first", l, x[:, 0])
+            keep("state_position", l, x[:, position])
+        return hook
+
+    def ffn_input(l: int):
+        def hook(_m, args, kwargs):
+            inputs[l] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def ffn_activation(l: int):
+        def hook(_m, args):
+            act = args[0].float()  # (B, T, F): act(gate) * up, what down_proj reads
+            add("act_first", l, act[:, 0].abs().sum(0))
+            add("act_later", l, act[:, 1:].abs().mean(1).sum(0))
+            for name, value in zip(("cos", "up", "act"), neuron_responses(blocks[l].mlp, inputs.pop(l), act,
+                                                                         [followed[l]])):
+                keep(f"neuron_{name}", l, value[..., 0])
+        return hook
+
+    def residual(depth: int):
+        def hook(_m, _args, out):
+            h = compat.layer_output(out).float()  # (B, T, d)
+            dom, norm = metrics.dominance_ratio(h), h.norm(dim=-1)
+            for name, value in (("first_sq", h[:, 0].pow(2).sum(0)), ("later_sq", h[:, 1:].pow(2).mean(1).sum(0)),
+                                ("first_dominance", dom[:, 0].sum(0)), ("later_dominance", dom[:, 1:].mean(1).sum(0)),
+                                ("first_norm", norm[:, 0].sum(0)), ("later_norm", norm[:, 1:].mean(1).sum(0)),
+                                ("effective_rank", metrics.effective_rank(h).sum(0)),
+                                ("effective_rank_later", metrics.effective_rank(h[:, 1:]).sum(0))):
+                add(name, depth, value)
+        return hook
+
+    hooks = [model.get_input_embeddings().register_forward_hook(residual(0))]
+    for l, block in enumerate(blocks):
+        hooks += [block.register_forward_hook(residual(l + 1)),
+                  block.self_attn.o_proj.register_forward_hook(w_o(l)),
+                  block.self_attn.register_forward_pre_hook(attention_input(l), with_kwargs=True),
+                  block.mlp.register_forward_pre_hook(ffn_input(l), with_kwargs=True),
+                  block.mlp.down_proj.register_forward_pre_hook(ffn_activation(l))]
+    previous = compat.set_attention(model, attention.ATTN_NAME)
+    n = 0
+    try:
+        with attention.tap(index, from_attention):
+            for chunk in batches(ids, batch_size, "survey", progress):
+                decoder(model)(input_ids=chunk.to(model.device))
+                n += chunk.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        compat.set_attention(model, previous)
+    return Survey(n=n, length=ids.shape[1], k=k, min_query=min_query, position=position, followed=followed,
+                  sums={name: torch.stack([v[i] for i in sorted(v)]) for name, v in sums.items()},
+                  rows={name: torch.stack([torch.cat(v[i]) for i in sorted(v)]) for name, v in rows.items()})
+
+
+def neuron_responses(mlp, x: torch.Tensor, act: torch.Tensor,
+                     neurons: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fig 9 for ``neurons`` of one FFN, from its input ``x`` (B, T, d) and activations ``act`` (B, T, F): the cosine of
+    each token's input with the neuron's W_gate row, the raw up activation W_up[n] . x_t, and act(gate) * up, each
+    (B, T, len(neurons))."""
+    x = x.float()
+    bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[neurons].float()
+    return (metrics.cosine(x[..., None, :], mlp.gate_proj.weight[neurons].float()),
+            F.linear(x, mlp.up_proj.weight[neurons].float(), bias), act[..., neurons].float())
+
+
+def decoder(model):
+    """The decoder stack without the LM head (``model.model``): measurements need hidden states, not logits, and
+    the head is a fifth of a small model's forward pass (SmolLM2: 49152 x 576)."""
+    return model.model

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from sinkutils import interventions, measure
+from sinkutils import interventions, measure, store
 
 #: The share of the usual sink that must survive an ordinary first token for a sink to count as structural,
 #: and the share BOS must carry to another position to count as an identity sink.
@@ -80,24 +80,30 @@ def bos_moved(ids: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def sink_origin(model, ids: torch.Tensor, k: int = 10, batch_size: int = 8, progress: bool = True) -> SinkOrigin:
     """Run the four probes on ``ids``, rows of BOS + text (``data.token_batch``); ``k`` as in the mask
-    intervention (1..T-2). Attention to a key is ``measure.attention_to``'s: queries after it, mean over heads."""
+    intervention (1..T-2). Attention to a key is ``measure.attention_to``'s: queries after it, mean over heads. The
+    usual input, BOS moved and the ordinary first token are ``measure.survey``s (the last one shared with chapter
+    5's direction lock), the mask probe is ``measure.mask_effect``'s; the whole is kept by ``store``."""
     bos = ids[:, 0]
     if ids.shape[0] == 0 or not bool((bos == bos[0]).all()) or bool((ids[:, 1:] == bos[0]).any()):
         raise ValueError("sink_origin needs rows that start with the BOS token and hold it nowhere else "
                          "(data.token_batch makes them)")
     k = interventions.check_position(k, ids.shape[1], attended=True)
 
-    def to(batch: torch.Tensor, key: int) -> torch.Tensor:
-        return measure.attention_to(model, batch, key, batch_size, progress).mean(-1)
+    def measured() -> SinkOrigin:
+        usual = measure.survey(model, ids, k=k, batch_size=batch_size, progress=progress)
+        moved = measure.survey(model, bos_moved(ids, k), k=k, batch_size=batch_size, progress=progress)
+        to_first = usual.attention_to(0).mean(-1).float()
+        per_layer = {"BOS at 0 (usual input)": to_first,
+                     "ordinary token at 0": measure.survey(model, ids[:, 1:], batch_size=batch_size,
+                                                           progress=progress).attention_to(0).mean(-1).float(),
+                     "BOS moved to k": moved.attention_to(k).mean(-1).float(),
+                     "token 0 when BOS is at k": moved.attention_to(0).mean(-1).float()}
+        with interventions.edit_head_output(model, 0, 0, torch.zeros_like):
+            per_layer["token 0, its layer-0 attention output zeroed"] = measure.attention_to(
+                model, ids, 0, batch_size, progress).mean(-1)
+        effect = measure.mask_effect(model, ids, k, batch_size=batch_size, progress=progress)
+        per_layer["k, no intervention"] = effect.before
+        per_layer["k, aggregation blocked at k"] = effect.after
+        return SinkOrigin(k=k, sink_layers=measure.sink_layers(to_first), per_layer=per_layer)
 
-    usual = to(ids, 0)
-    moved = bos_moved(ids, k)
-    per_layer = {"BOS at 0 (usual input)": usual, "ordinary token at 0": to(ids[:, 1:], 0),
-                 "BOS moved to k": to(moved, k), "token 0 when BOS is at k": to(moved, 0)}
-    with interventions.edit_head_output(model, 0, 0, torch.zeros_like):
-        per_layer["token 0, its layer-0 attention output zeroed"] = to(ids, 0)
-    per_layer["k, no intervention"] = to(ids, k)
-    with interventions.block_aggregation(model, k):
-        per_layer["k, aggregation blocked at k"] = to(ids, k)
-    return SinkOrigin(k=k, sink_layers=measure.sink_layers(usual), per_layer=per_layer)
-
+    return store.cached("sink_origin", model, ids, dict(k=k, batch_size=batch_size), measured)

@@ -81,30 +81,15 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     layers = _sorted_layers(model, layers)
     metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
     blocks = models.decoder_layers(model)
-
-    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
-        heads, got = rec["attn.head_out"], {}
-        for i, l in enumerate(layers):
-            x = heads[i].flatten(-2)                                     # (B, T, H*D) o_proj input
-            out = blocks[l].self_attn.o_proj(x).float()
-            x = x.float()
-            dev = (x - x.mean(-1, keepdim=True)).pow(2)
-            got |= {(l, "first"): dev[:, 0].sum(0), (l, "later"): dev[:, min_query:].mean(1).sum(0),
-                    (l, "vin"): metrics.dimension_variance(x).sum(0),
-                    (l, "vout"): metrics.dimension_variance(out).sum(0)}
-        return got
-
-    mean = measure.mean_over_sequences(model, ids, ("attn.head_out",), summed, batch_size=batch_size,
-                                       desc="W_O alignment", layers=layers)
+    found = measure.survey(model, ids, min_query=min_query, batch_size=batch_size)
     result = {}
     for l in layers:
-        with models.materialized(blocks[l].self_attn.o_proj):  # Kendall on the layer's device (GPU: fast)
-            w = blocks[l].self_attn.o_proj.weight.detach().float().abs()
-        first, later = mean[l, "first"], mean[l, "later"]
+        w = blocks[l].self_attn.o_proj.weight.detach().float().abs()  # Kendall on the model's device (GPU: fast)
+        first, later = (found.mean(name)[l].float() for name in ("wo_first", "wo_later"))
         result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first.to(w.device)).cpu(),
                                 tau_later=metrics.kendall_tau(w, later.to(w.device)).cpu(), first_profile=first,
-                                later_profile=later, variance_in=mean[l, "vin"], variance_out=mean[l, "vout"],
-                                min_query=min_query)
+                                later_profile=later, variance_in=found.mean("wo_in")[l].float(),
+                                variance_out=found.mean("wo_out")[l].float(), min_query=min_query)
     return result
 
 
@@ -195,27 +180,24 @@ def neuron_activity(model, ids: torch.Tensor, neurons: dict[int, list[int]],
         bad = [n for n in neurons[l] if not 0 <= n < width]
         if bad or not neurons[l]:
             raise ValueError(f"layer {l}: neurons {bad or neurons[l]} invalid; this FFN has neurons 0..{width - 1}")
-    parts = {l: dict(cos=[], up=[], act=[], first=0.0, later=0.0) for l in layers}
-    n = 0
-    for rows, rec in measure.recorded(model, ids, "mlp.in", "mlp.act", batch_size=batch_size, desc="neuron activity",
-                                      layers=layers):
-        ffn_in, acts = rec["mlp.in"], rec["mlp.act"]
+    found = measure.survey(model, ids, batch_size=batch_size)
+    if all(neurons[l] == [found.followed[l]] for l in layers):  # the neuron each layer follows: the survey has it
+        return {l: NeuronActivity(layer=l, neurons=list(neurons[l]),
+                                  **{name: found.rows[f"neuron_{part}"][l][..., None] for name, part in
+                                     (("cos_gate", "cos"), ("up", "up"), ("act", "act"))},
+                                  first_abs=found.mean("act_first")[l].float(),
+                                  later_abs=found.mean("act_later")[l].float()) for l in layers}
+    parts = {l: dict(cos=[], up=[], act=[]) for l in layers}
+    for _, rec in measure.recorded(model, ids, "mlp.in", "mlp.act", batch_size=batch_size, desc="neuron activity",
+                                   layers=layers):
         for i, l in enumerate(layers):
-            mlp, idx = blocks[l].mlp, neurons[l]
-            x = ffn_in[i].float()
-            with models.materialized(mlp):  # the rows, on the device the recorded input is on
-                gate, up = (w.weight[idx].float().to(x.device) for w in (mlp.gate_proj, mlp.up_proj))
-                bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[idx].float().to(x.device)
-            p, act = parts[l], acts[i].float()
-            p["cos"].append(metrics.cosine(x[..., None, :], gate).cpu())
-            p["up"].append(F.linear(x, up, bias).cpu())
-            p["act"].append(act[..., idx].cpu())
-            p["first"] = p["first"] + act[:, 0].abs().sum(0)
-            p["later"] = p["later"] + act[:, 1:].abs().mean(1).sum(0)
-        n += rows
+            got = measure.neuron_responses(blocks[l].mlp, rec["mlp.in"][i], rec["mlp.act"][i], neurons[l])
+            for name, value in zip(("cos", "up", "act"), got):
+                parts[l][name].append(value.cpu())
     return {l: NeuronActivity(layer=l, neurons=list(neurons[l]), cos_gate=torch.cat(p["cos"]),
-                              up=torch.cat(p["up"]), act=torch.cat(p["act"]), first_abs=(p["first"] / n).cpu(),
-                              later_abs=(p["later"] / n).cpu()) for l, p in parts.items()}
+                              up=torch.cat(p["up"]), act=torch.cat(p["act"]),
+                              first_abs=found.mean("act_first")[l].float(),
+                              later_abs=found.mean("act_later")[l].float()) for l, p in parts.items()}
 
 
 @dataclasses.dataclass
@@ -299,25 +281,13 @@ class ResidualProfile:
                 self.later_sq[:, idx].sum(-1) / self.later_sq.sum(-1))
 
 
-@torch.no_grad()
 def residual_profile(model, ids: torch.Tensor, with_rank: bool = True, batch_size: int = 8) -> ResidualProfile:
     """Fig 11 and 21: per depth, token 0's dominance ratio against later tokens', per-channel energy (which
     channels carry token 0's massive activations), norms and, with ``with_rank``, the effective rank
-    (Roy & Vetterli) of each sequence's (T x d) hidden-state matrix, with and without token 0."""
-    def summed(rec: trace.Recorder) -> dict[str, torch.Tensor]:
-        h = rec["resid"].float()  # (L+1, B, T, d)
-        dom, norm = metrics.dominance_ratio(h), h.norm(dim=-1)
-        parts = dict(first_sq=h[:, :, 0].pow(2).sum(1), later_sq=h[:, :, 1:].pow(2).mean(2).sum(1),
-                     first_dominance=dom[:, :, 0].sum(1), later_dominance=dom[:, :, 1:].mean(2).sum(1),
-                     first_norm=norm[:, :, 0].sum(1), later_norm=norm[:, :, 1:].mean(2).sum(1))
-        if with_rank:
-            parts["effective_rank"] = metrics.effective_rank(h).sum(1)
-            parts["effective_rank_later"] = metrics.effective_rank(h[:, :, 1:]).sum(1)
-        return parts
-
-    mean = measure.mean_over_sequences(model, ids, ("resid",), summed, batch_size=batch_size,
-                                       desc="residual profile")
-    return ResidualProfile(**{"effective_rank": None, "effective_rank_later": None} | mean)
+    (Roy & Vetterli) of each sequence's (T x d) hidden-state matrix, with and without token 0 (``measure.survey``)."""
+    found = measure.survey(model, ids, batch_size=batch_size)
+    return ResidualProfile(**{f.name: found.mean(f.name).float() if with_rank or "rank" not in f.name else None
+                              for f in dataclasses.fields(ResidualProfile)})
 
 
 def massive_dimensions(model, ids: torch.Tensor, layer: int, k: int = 2, batch_size: int = 8) -> list[int]:
@@ -329,12 +299,16 @@ def massive_dimensions(model, ids: torch.Tensor, layer: int, k: int = 2, batch_s
 
 def distinct_first_tokens(ids: torch.Tensor) -> torch.Tensor:
     """The rows of ``ids`` whose first token has not appeared as a first token in an earlier row."""
+    return ids[_distinct_rows(ids)]
+
+
+def _distinct_rows(ids: torch.Tensor) -> list[int]:
     seen, keep = set(), []
     for i, t in enumerate(ids[:, 0].tolist()):
         if t not in seen:
             seen.add(t)
             keep.append(i)
-    return ids[keep]
+    return keep
 
 
 @dataclasses.dataclass
@@ -350,34 +324,34 @@ class DirectionLock:
 
 
 @torch.no_grad()
-def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_size: int = 8) -> DirectionLock:
+def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_size: int = 8,
+                   distinct: bool = False) -> DirectionLock:
     """Per layer, the normalised input of attention (the trace's ``attn.in``, ``input_layernorm`` of the layer
     input) of token 0 and of the token at ``position`` (default: the middle), collected over sequences whose first
     tokens differ, and the mean pairwise cosine between them (1: the same direction whatever the input), for the
     normalised state and for its key ``k_proj(attn.in)`` (pre-RoPE: RoPE turns every sequence's key at one position
     by the same rotation, which leaves their cosines as they are). Give sequences *without* BOS: with BOS token 0
-    is the same token in the same (empty) context everywhere and the cosine is 1 trivially."""
+    is the same token in the same (empty) context everywhere and the cosine is 1 trivially. With ``distinct`` only
+    the rows whose first token is new count (``distinct_first_tokens``), read from the ``survey`` of all of ``ids``
+    (which chapter 3's ordinary-first-token probe shares)."""
     T = ids.shape[1]
     position = T // 2 if position is None else position
     if not 0 < position < T:
         raise ValueError(f"position must lie in 1..{T - 1}, got {position}")
-    if ids.shape[0] < 2:
+    keep = _distinct_rows(ids) if distinct else list(range(ids.shape[0]))
+    if len(keep) < 2:
         raise ValueError("need at least two sequences to compare directions")
     blocks = models.decoder_layers(model)
-    states = {0: [], position: []}
-    for _, rec in measure.recorded(model, ids, "attn.in", batch_size=batch_size, desc="direction lock"):
-        x = rec["attn.in"]  # (L, B, T, d): input_layernorm of each layer's input
-        for p in states:
-            states[p].append(x[:, :, p])
+    found = measure.survey(model, ids, position=position, batch_size=batch_size)
     out = {}
-    for p, parts in states.items():
-        x = torch.cat(parts, dim=1)  # (L, N, d) normalised inputs
-        # k_proj runs where its layer lives (a spread model's hooks move x there); the keys come back beside x
-        keys = torch.stack([blocks[l].self_attn.k_proj(x[l]).to(x.device) for l in range(len(blocks))])  # (L, N, H*D)
+    for p, name in ((0, "state_first"), (position, "state_position")):
+        x = found.rows[name][:, keep]  # (L, N, d) normalised inputs
+        keys = torch.stack([blocks[l].self_attn.k_proj(x[l].to(blocks[l].self_attn.k_proj.weight))
+                            for l in range(len(blocks))])  # (L, N, Hkv*D)
         keys = keys.unflatten(-1, (-1, blocks[0].self_attn.head_dim)).transpose(1, 2)  # (L, Hkv, N, D)
         out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
     return DirectionLock(position=position, first_cos=out[0][0], position_cos=out[position][0],
-                         first_key_cos=out[0][1], position_key_cos=out[position][1], n_sequences=ids.shape[0])
+                         first_key_cos=out[0][1], position_key_cos=out[position][1], n_sequences=len(keep))
 
 
 def query_principal_directions(model, layer: int) -> torch.Tensor:
@@ -437,15 +411,10 @@ def qk_locking(model, ids: torch.Tensor, layers: list[int] | None = None, min_qu
     mean attention to token 0 from the trace. Alignment is averaged over sequences."""
     layers = _sorted_layers(model, layers)
     metrics.check_min_query(min_query, measure.check_ids(ids).shape[1])
-    dirs = {l: query_principal_directions(model, l) for l in layers}
-    align, pos, sinks = {l: 0.0 for l in layers}, {l: 0.0 for l in layers}, []
-    n = 0
-    for rows, rec in measure.recorded(model, ids, "attn.sink", "attn.q", "attn.k", batch_size=batch_size,
-                                      desc="QK locking", layers=layers):
-        sinks.append(rec["attn.sink"][..., min_query:].float().mean(-1).cpu())  # (layers, B, H)
-        for l, (s, k0) in _sink_logits(rec).items():
-            align[l] = align[l] + metrics.cosine(k0, dirs[l]).abs().sum(0)
-            pos[l] = pos[l] + metrics.positivity_ratio(s[..., 1:]).sum(0)
-        n += rows
-    return QKLocking(layers=layers, alignment=torch.stack([align[l] / n for l in layers]),
-                     positivity=torch.stack([pos[l] / n for l in layers]), sink=torch.cat(sinks, 1).mean(1))
+    found = measure.survey(model, ids, batch_size=batch_size)
+    heads = model.config.num_attention_heads
+    align = [metrics.cosine(attention.expand_kv(found.rows["sink_key"][l], heads), query_principal_directions(model, l))
+             .abs().mean(0) for l in layers]
+    return QKLocking(layers=layers, alignment=torch.stack(align),
+                     positivity=found.mean("positivity")[layers].float(),
+                     sink=found.mean("sink")[layers][..., min_query:].mean(-1).float())

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 import torch
 
-from sinkutils import book, claims, interventions, measure, metrics, models, trace
+from sinkutils import claims, interventions, measure, metrics, models, project, trace
 from tests.departures import departs, holds
 from tests.test_trace import tiny
 
@@ -23,7 +23,7 @@ def ids_for(B=4, T=16, seed=0):
 def test_variance_profile_measures_head_outputs_and_is_exact_at_token_0(arch):
     model = tiny(arch)
     ids = ids_for()
-    prof = measure.variance_profile(model, ids, batch_size=3, layers_per_pass=2)
+    prof = measure.variance_profile(model, ids, batch_size=3)
     with trace.record(model, "attn.head_out") as rec:
         model(input_ids=ids)
     direct = metrics.dimension_variance(rec["attn.head_out"]).mean(1).transpose(1, 2)  # (L, H, T)
@@ -162,7 +162,7 @@ def chapter_parameters(chapter: str) -> dict:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     values: dict = {}
     exec(cell.source, {}, values)
-    return values | book.parameters("cpu", chapter)
+    return values | project.parameters("cpu", chapter)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def chapter_batches(model, tokenizer, p: dict) -> tuple[torch.Tensor, torch.Tens
 
     _, paragraphs = data.texts(p["text_source"])
     ids = data.token_batch(tokenizer, paragraphs, n=p["n_texts"], length=p["seq_len"], seed=p["seed"])
-    random_ids = data.random_token_batch(model.config.vocab_size, n=p["n_texts"], length=p["seq_len"],
-                                         bos_id=tokenizer.bos_token_id, seed=p["seed"])
+    random_ids = data.random_batch(tokenizer, model.config.vocab_size, n=p["n_texts"], length=p["seq_len"],
+                                   seed=p["seed"])
     return ids, random_ids
 
 

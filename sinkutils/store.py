@@ -1,0 +1,137 @@
+"""Measure once, judge many: a measurement is kept under a key of everything that determines it, and read back
+instead of measured again.
+
+The key holds the weights (a digest of every parameter and buffer), the token ids, the parameters of the
+measurement and the version of the measuring code (a digest of ``sinkutils``' sources), so a stale entry is
+never read: change any of them and the key changes. Two levels:
+
+- in the process, on the model itself: a chapter's later cells, the claims and a test module reuse one pass;
+- on disk, when ``SINKBOOK_STORE`` names a folder (``book.execute`` sets it for a build): every chapter's kernel
+  and the scoreboard read what an earlier one stored. Entries are safetensors (tensors) beside JSON (the rest),
+  never pickles.
+
+Nothing is reused while an intervention is open (``attention.editing``): its passes must run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sinkutils import attention
+
+PACKAGE = Path(__file__).parent
+
+
+@functools.cache
+def code_version() -> str:
+    """A digest of every source file of ``sinkutils``: a changed formula anywhere makes every stored entry stale."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _versions(model) -> tuple:
+    """Identity and in-place version of every tensor of ``model``: changes whenever a weight is edited or swapped."""
+    return tuple((id(t), t._version) for t in [*model.parameters(), *model.buffers()])
+
+
+def weights_digest(model) -> str:
+    """SHA-256 of every parameter and buffer of ``model`` (names, shapes, dtypes and bytes), computed once per state
+    of the weights (``_versions``)."""
+    versions = _versions(model)
+    cached = model.__dict__.get("_sinkbook_digest")
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    digest = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    model.__dict__["_sinkbook_digest"] = (versions, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    ids = ids.detach().cpu().to(torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(ids.shape)).encode() + ids.numpy().tobytes()).hexdigest()
+
+
+def folder() -> Path | None:
+    """The on-disk store (``SINKBOOK_STORE``), or None: only the in-process level."""
+    where = os.environ.get("SINKBOOK_STORE")
+    return Path(where) if where else None
+
+
+def cached(kind: str, model, ids: torch.Tensor, params: dict, compute: Callable[[], object]):
+    """``compute()``, or what an earlier call with the same weights, ids, ``params`` and code stored under ``kind``.
+    ``compute`` must return a dataclass of tensors, dicts of tensors and JSON values (``save``)."""
+    if attention.editing():
+        return compute()
+    memo = model.__dict__.setdefault("_sinkbook_memo", {})
+    local = (kind, ids_digest(ids), json.dumps(params, sort_keys=True), _versions(model))
+    if local in memo:
+        return memo[local]
+    where = folder()
+    path = None
+    if where is not None:
+        key = hashlib.sha256(json.dumps([kind, weights_digest(model), local[1], local[2], code_version()])
+                             .encode()).hexdigest()[:32]
+        path = where / f"{kind}-{key}"
+        if (path / "done").exists():
+            memo[local] = load(path)
+            return memo[local]
+    value = compute()
+    if path is not None:
+        save(value, path)
+    memo[local] = value
+    return value
+
+
+def save(value, path: Path) -> None:
+    """Write a dataclass: its tensors (also inside dicts) to ``tensors.safetensors``, everything else to
+    ``fields.json``, then ``done`` (a half-written entry is never read)."""
+    from safetensors.torch import save_file
+
+    tensors, fields = {}, {"type": f"{type(value).__module__}.{type(value).__qualname__}"}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if torch.is_tensor(v):
+            tensors[f.name] = v
+        elif isinstance(v, dict) and v and all(torch.is_tensor(x) for x in v.values()):
+            fields[f.name] = {"tensors": list(v)}
+            tensors |= {f"{f.name}/{i}": x for i, x in enumerate(v.values())}
+        else:
+            fields[f.name] = {"value": v}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path / "tensors.safetensors")
+    (path / "fields.json").write_text(json.dumps(fields))
+    (path / "done").write_text("")
+
+
+def load(path: Path):
+    """The dataclass ``save`` wrote to ``path``."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    fields = json.loads((path / "fields.json").read_text())
+    module, _, name = fields.pop("type").rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    tensors = load_file(path / "tensors.safetensors")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in tensors:
+            kwargs[f.name] = tensors[f.name]
+        elif "tensors" in fields.get(f.name, {}):
+            kwargs[f.name] = {k: tensors[f"{f.name}/{i}"] for i, k in enumerate(fields[f.name]["tensors"])}
+        else:
+            kwargs[f.name] = fields[f.name]["value"]
+    return cls(**kwargs)
+
