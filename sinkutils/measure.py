@@ -394,8 +394,12 @@ def survey(model, ids: torch.Tensor, k: int | None = None, min_query: int = 4, p
 def followed_neurons(model) -> list[int]:
     """Per layer, the FFN neuron with the largest ||W_gate[n]|| * ||W_up[n]|| (``structure.ffn_norms``' score): the
     neuron chapter 4 follows (a super neuron when the layer has one)."""
-    return [int((m.gate_proj.weight.detach().float().norm(dim=1) * m.up_proj.weight.detach().float().norm(dim=1))
-                .cpu().argmax()) for m in (block.mlp for block in models.decoder_layers(model))]
+    out = []
+    for block in models.decoder_layers(model):
+        with models.materialized(block.mlp):
+            gate, up = (w.weight.detach().float().norm(dim=1).cpu() for w in (block.mlp.gate_proj, block.mlp.up_proj))
+        out.append(int((gate * up).argmax()))
+    return out
 
 
 def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
@@ -509,9 +513,10 @@ def neuron_responses(mlp, x: torch.Tensor, act: torch.Tensor,
     each token's input with the neuron's W_gate row, the raw up activation W_up[n] . x_t, and act(gate) * up, each
     (B, T, len(neurons))."""
     x = x.float()
-    bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[neurons].float()
-    return (metrics.cosine(x[..., None, :], mlp.gate_proj.weight[neurons].float()),
-            F.linear(x, mlp.up_proj.weight[neurons].float(), bias), act[..., neurons].float())
+    with models.materialized(mlp):  # the rows, on the device the input is on (an offloaded layer's are meta)
+        gate, up = (w.weight[neurons].float().to(x.device) for w in (mlp.gate_proj, mlp.up_proj))
+        bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[neurons].float().to(x.device)
+    return metrics.cosine(x[..., None, :], gate), F.linear(x, up, bias), act[..., neurons].float()
 
 
 def decoder(model):

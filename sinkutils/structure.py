@@ -84,7 +84,8 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     found = measure.survey(model, ids, min_query=min_query, batch_size=batch_size)
     result = {}
     for l in layers:
-        w = blocks[l].self_attn.o_proj.weight.detach().float().abs()  # Kendall on the model's device (GPU: fast)
+        with models.materialized(blocks[l].self_attn.o_proj):  # Kendall on the layer's device (GPU: fast)
+            w = blocks[l].self_attn.o_proj.weight.detach().float().abs()
         first, later = (found.mean(name)[l].float() for name in ("wo_first", "wo_later"))
         result[l] = WOAlignment(layer=l, tau=metrics.kendall_tau(w, first.to(w.device)).cpu(),
                                 tau_later=metrics.kendall_tau(w, later.to(w.device)).cpu(), first_profile=first,
@@ -346,7 +347,8 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
     out = {}
     for p, name in ((0, "state_first"), (position, "state_position")):
         x = found.rows[name][:, keep]  # (L, N, d) normalised inputs
-        keys = torch.stack([blocks[l].self_attn.k_proj(x[l].to(blocks[l].self_attn.k_proj.weight))
+        # k_proj runs where its layer lives (a spread model's hooks move x there); the keys come back beside x
+        keys = torch.stack([blocks[l].self_attn.k_proj(x[l].to(blocks[l].self_attn.k_proj.weight.dtype)).to(x.device)
                             for l in range(len(blocks))])  # (L, N, Hkv*D)
         keys = keys.unflatten(-1, (-1, blocks[0].self_attn.head_dim)).transpose(1, 2)  # (L, Hkv, N, D)
         out[p] = (metrics.mean_pairwise_cosine(x).cpu(), metrics.mean_pairwise_cosine(keys).mean(-1).cpu())
