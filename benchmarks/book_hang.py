@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-from sinkutils import book
+from sinkutils import book, project
 
 HOG = "while True: pass"
 STALL = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)  # like a kernel that lost the request\n" \
@@ -50,7 +50,7 @@ def run_once(chapter: str, root: Path, out: Path, engine: str, timeout: int, sta
             book.execute(chapter, "cpu", out, root=root, timeout=timeout, stall_timeout=stall)
         else:
             papermill.execute_notebook(str(root / "chapters" / f"{chapter}.ipynb"), str(out / f"{chapter}.ipynb"),
-                                       parameters=book.parameters("cpu", chapter, root), kernel_name="python3",
+                                       parameters=project.parameters("cpu", chapter, root), kernel_name="python3",
                                        cwd=str(root), progress_bar=False, execution_timeout=timeout)
         outcome = "completed"
     except Exception as err:  # the outcome is what this script reports
@@ -84,7 +84,7 @@ def main() -> None:
     hogs = [subprocess.Popen(["nice", "-n", str(args.hog_nice), sys.executable, "-c", HOG]) for _ in range(args.hogs)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            root = stalled_root(Path(tmp) / "root") if args.stalled_cell else book.ROOT
+            root = stalled_root(Path(tmp) / "root") if args.stalled_cell else project.ROOT
             chapter = "99_stalled" if args.stalled_cell else args.chapter
             for i in range(args.runs):
                 out = Path(tmp) / f"out{i}"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sinkutils import book, models, preflight, standins
+from sinkutils import book, models, preflight, project, standins
 
 BUDGET_GIB = 16.0
 #: chapters whose text promises a 16 GB GPU at the paper's lengths (issue: chapters 1-3)
@@ -101,7 +101,7 @@ class GPUPeak:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--chapters", nargs="*", default=None, help=f"default: all of {book.chapters()}")
+    p.add_argument("--chapters", nargs="*", default=None, help=f"default: all of {project.chapters()}")
     p.add_argument("--shape", choices=("full", "tiny"), default="full",
                    help="the stand-ins' shape: the real models' (default) or 3 layers of width 64")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--param", action="append", default=[], metavar="NAME=YAML", help="extra parameter overrides")
     p.add_argument("--out", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
-    names = args.chapters or book.chapters()
+    names = args.chapters or project.chapters()
     work = Path(args.work)
     hf_home = work / f"hf_home-{args.shape}"
     overrides = book.parse_params(args.param)
@@ -130,7 +130,7 @@ def run_chapters(names: list[str], overrides: dict, work: Path, args) -> list[di
     for name in names:
         extra = dict(overrides)
         if name == "06_headwise":  # the profile's larger comparison models, trained only briefly
-            gpu = book.parameters("gpu", name)
+            gpu = project.parameters("gpu", name)
             base = overrides.get("retrain_overrides", gpu.get("retrain_overrides") or {})  # --param may shrink it
             extra["retrain_overrides"] = dict(base) | {
                 "stop_after": args.train_steps, "eval_every": args.train_steps}  # one evaluation: a loss curve point

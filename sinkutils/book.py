@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
+from sinkutils.project import ROOT, chapters, declared, parameters
+
 STAGED = ("_config.yml", "_toc.yml", "book")
 
 
@@ -141,55 +142,9 @@ def _engine() -> str:
     return "sinkbook"
 
 
-def chapters(root: Path = ROOT) -> list[str]:
-    return sorted(p.stem for p in (root / "chapters").glob("[0-9][0-9]_*.ipynb"))
-
-
 def assignments(root: Path = ROOT) -> list[str]:
     """The assignments' instructor editions (``assignments/NN_*.ipynb``, see ``sinkutils.assign``)."""
     return sorted(p.stem for p in (root / "assignments").glob("[0-9][0-9]_*.ipynb"))
-
-
-def parameters(profile: str, chapter: str, root: Path = ROOT) -> dict:
-    """The papermill parameters of ``chapter`` under ``profile`` (defaults, then the chapter's overrides)."""
-    path = root / "profiles" / f"{profile}.yml"
-    if not path.exists():
-        known = sorted(p.stem for p in (root / "profiles").glob("*.yml"))
-        raise ValueError(f"unknown profile {profile!r}; choose one of {known}")
-    spec = _profile(path, root)
-    return dict(spec.get("defaults") or {}) | dict((spec.get("chapters") or {}).get(chapter) or {})
-
-
-def declared(chapter: str, root: Path = ROOT) -> set[str]:
-    """The parameters a chapter's ``parameters`` cell assigns (what papermill can set)."""
-    import papermill
-
-    return set(papermill.inspect_notebook(str(root / "chapters" / f"{chapter}.ipynb")))
-
-
-def _profile(path: Path, root: Path) -> dict:
-    """A profile's YAML, checked: a misspelt key would otherwise be dropped and the chapter run with its default."""
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(spec, dict) or set(spec) - {"defaults", "chapters"}:
-        raise ValueError(f"{path}: expected a mapping with the keys 'defaults' and 'chapters', got "
-                         f"{sorted(spec) if isinstance(spec, dict) else type(spec).__name__}")
-    known = chapters(root)
-    entries = spec.get("chapters") or {}
-    if set(entries) - set(known):
-        raise ValueError(f"{path}: unknown chapters {sorted(set(entries) - set(known))} under 'chapters'; choose "
-                         f"from {known}")
-    for name, entry in entries.items():
-        if set(entry or {}) - declared(name, root):
-            raise ValueError(f"{path}: chapter {name} has no parameters {sorted(set(entry) - declared(name, root))}; "
-                             f"its parameters are {sorted(declared(name, root))}")
-    every = set().union(*(declared(name, root) for name in known))
-    if set(spec.get("defaults") or {}) - every:
-        raise ValueError(f"{path}: no chapter has the parameters {sorted(set(spec['defaults']) - every)} under "
-                         f"'defaults'; the chapters' parameters are {sorted(every)}")
-    return spec
 
 
 def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeout: int = 1800,

@@ -2,9 +2,9 @@
 
 BOS handling (the sink numbers depend on it): every sequence this module hands to a model starts with the
 tokenizer's BOS token at position 0, as Llama's and Mistral's tokenizers do by default (Qwen2's has no BOS: its
-EOS ``<|endoftext|>``, the document separator, takes that place; see ``start_token``). ``random_token_batch`` keeps that
-BOS and draws the rest uniformly, so "random tokens" means random *content* after a normal first token;
-pass ``bos=False`` to make position 0 random too.
+EOS ``<|endoftext|>``, the document separator, takes that place; see ``start_token``). ``random_batch`` keeps that
+first token and draws the rest uniformly, so "random tokens" means random *content* after a normal first token;
+``random_token_batch(..., bos_id=None)`` makes position 0 random too.
 """
 from __future__ import annotations
 
@@ -156,6 +156,12 @@ def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int
     rows = [[start_token(tokenizer)] + stream[s:s + body]
             for s in (rng.randrange(len(stream) - body) for _ in range(n))]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def random_batch(tokenizer, vocab_size: int, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``token_batch``'s control in chapter 2 (Fig 1, 23): the same first token (``start_token``: BOS, or EOS for
+    a tokenizer without BOS) and uniformly random tokens after it, so only the content differs from real text."""
+    return random_token_batch(vocab_size, n, length, bos_id=start_token(tokenizer), seed=seed)
 
 
 def random_token_batch(vocab_size: int, n: int, length: int, bos_id: int | None, seed: int = 0,

@@ -19,7 +19,7 @@ import os
 import urllib.error
 import urllib.request
 
-from sinkutils import models
+from sinkutils import models, project
 
 LOGIN = ("log in with `.venv/bin/hf auth login` (paste a read token from https://huggingface.co/settings/tokens) "
          "or `export HF_TOKEN=hf_...`")
@@ -62,14 +62,12 @@ def needs(profile: str, chapters: list[str], overrides: dict | None = None, root
     (an override counts only in chapters that declare it, as ``book.execute`` passes it)."""
     import papermill
 
-    from sinkutils import book
-
-    root = book.ROOT if root is None else root
+    root = project.ROOT if root is None else root
     repos, wikitext = [], False
     for chapter in chapters:
         declared = papermill.inspect_notebook(str(root / "chapters" / f"{chapter}.ipynb"))
         params = {k: _literal(v["default"]) for k, v in declared.items()}
-        params |= book.parameters(profile, chapter, root)
+        params |= project.parameters(profile, chapter, root)
         params |= {k: v for k, v in (overrides or {}).items() if k in declared}
         names = [params.get("model_name"), *(params.get("compare_models") or [])]
         compare = params.get("compare")

@@ -20,7 +20,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from sinkutils.project import ROOT
+
 #: the install spec's default in a set-up cell, as it appears in the notebook's JSON
 SPEC = re.compile(r'(SINKBOOK_INSTALL_SPEC\\", \\")(sinkbook @ git\+[^"\\]+)(\\")')
 CONFIG_URL = re.compile(r"(^repository:\n  url: )(\S+)$", re.M)

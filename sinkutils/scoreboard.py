@@ -15,9 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from sinkutils import claims, comparison, data, models
-
-ROOT = Path(__file__).resolve().parent.parent
+from sinkutils import claims, comparison, data, models, project
 
 #: the causal chain of the paper, each link with the claims that test it (``Claim.key``)
 CHAIN = [("token 0 does not\naggregate", "variance", ["variance_discrepancy", "variance_decays"]),
@@ -64,20 +62,18 @@ def measure(columns: dict[str, Settings], variants: Settings | None = Settings()
     return out
 
 
-def columns(profile: str = "cpu", overrides: dict | None = None, root: Path = ROOT) -> dict[str, Settings]:
+def columns(profile: str = "cpu", overrides: dict | None = None, root: Path = project.ROOT) -> dict[str, Settings]:
     """The scoreboard's columns for a build under ``profile``: the embedded default model (on the cpu profile's
     text), then every model the profile ran."""
     return {models.DEFAULT: Settings()} | {n: s for n, s in profile_columns(profile, overrides, root).items()
                                            if n != models.DEFAULT}
 
 
-def profile_columns(profile: str, overrides: dict | None = None, root: Path = ROOT) -> dict[str, Settings]:
+def profile_columns(profile: str, overrides: dict | None = None, root: Path = project.ROOT) -> dict[str, Settings]:
     """The models a profile runs (every chapter's ``model_name`` and ``compare_models``), each with the profile's
     text settings (the smallest ``n_texts`` and ``batch_size`` of its chapters): the scoreboard's columns beyond
     the embedded default model."""
-    from sinkutils import book
-
-    params = [book.parameters(profile, ch, root) | (overrides or {}) for ch in book.chapters(root)]
+    params = [project.parameters(profile, ch, root) | (overrides or {}) for ch in project.chapters(root)]
     names = dict.fromkeys(n for p in params for n in [p.get("model_name"), *(p.get("compare_models") or [])] if n)
     first = params[0]
     s = Settings(text_source=first.get("text_source", Settings.text_source),

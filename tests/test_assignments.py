@@ -12,7 +12,8 @@ import nbformat
 import pytest
 import torch
 
-from sinkutils import assign, attention, book, exercises, interventions, measure, metrics, models, structure, variants
+from sinkutils import (assign, attention, book, exercises, interventions, measure, metrics, models, project,
+                       structure, variants)
 from sinkutils.exercises import (ch1_sink, ch2_variance, ch3_interventions, ch4_super_neurons, ch5_disparity,
                                  ch6_headwise)
 
@@ -390,7 +391,7 @@ def test_every_source_opens_with_the_shared_cells():
     the set-up cell is the chapters' own."""
     assert assign.stale_openings() == [], "run: python -m sinkutils.assign student"
     opening = assign.opening_cells()
-    for chapter in sorted((book.ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")):
+    for chapter in sorted((project.ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")):
         setup = next(c for c in nbformat.read(chapter, as_version=4).cells if c.cell_type == "code")
         assert setup.source == opening[1].source, f"{chapter.stem}: the assignments' set-up cell is the chapters'"
     for path in assign.sources():
@@ -431,7 +432,7 @@ def _papermill(path, out, **kw):
     import papermill
 
     os.environ["TQDM_DISABLE"] = "1"
-    return papermill.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(book.ROOT),
+    return papermill.execute_notebook(str(path), str(out), kernel_name="python3", cwd=str(project.ROOT),
                                       progress_bar=False, execution_timeout=300, request_save_on_cell_execute=False, **kw)
 
 

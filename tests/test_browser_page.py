@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from sinkutils import book, interventions, models, scoreboard, trace
+from sinkutils import book, interventions, models, project, scoreboard, trace
 from tests.test_site import CHROMIUM, LOCAL_SCHEMES, Page, needs_chromium
 from tests.test_site import browser, server  # noqa: F401  (fixtures)
 
@@ -37,7 +37,7 @@ SENTENCE = "Attention sinks appear when every head of a layer sends most of its 
 LONG = " ".join(["The massive activation of the first token makes it a sink in the middle layers."] * 12)
 #: what the page adds to a book page: runtime, tokenizer reader, exported model and tokenizer, its glue
 EXTRA = ("onnxruntime-web/", "tokenizers/", "browser/", "try-it.")
-ARTIFACTS = book.ROOT / "artifacts" / "try_it"
+ARTIFACTS = project.ROOT / "artifacts" / "try_it"
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def site(tmp_path_factory) -> Path:
         return Path(os.environ["SINKBOOK_SITE"]).resolve()
     root = tmp_path_factory.mktemp("site")
     for name in ("_config.yml", "book"):
-        src = book.ROOT / name
+        src = project.ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
-    toc = yaml.safe_load((book.ROOT / "_toc.yml").read_text())
+    toc = yaml.safe_load((project.ROOT / "_toc.yml").read_text())
     for part in toc["parts"]:
         part["chapters"] = [c for c in part["chapters"] if c["file"].startswith("book/")]
     toc["parts"] = [p for p in toc["parts"] if p["chapters"]]

@@ -7,14 +7,14 @@ import nbformat
 import papermill
 import pytest
 
-from sinkutils import book, models
+from sinkutils import book, models, project
 
 needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "config.json").exists(),
                                  reason="embedded model sinkbook-tiny not trained yet")
 
 
 @needs_model
-@pytest.mark.parametrize("chapter", book.chapters())
+@pytest.mark.parametrize("chapter", project.chapters())
 def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
     book.execute(chapter, "cpu", tmp_path, timeout=600)  # a hang guard; per-chapter time: benchmarks/book_build.py
     nb = nbformat.read(tmp_path / f"{chapter}.ipynb", as_version=4)
@@ -29,15 +29,15 @@ def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
 
 
 def test_every_chapter_has_parameters_and_setup_cells():
-    for chapter in book.chapters():
-        nb = nbformat.read(book.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    for chapter in project.chapters():
+        nb = nbformat.read(project.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "find_spec(\"sinkutils\")" in code[0].source, f"{chapter}: first code cell must be the Colab set-up"
         assert "parameters" in code[1].metadata.get("tags", []), f"{chapter}: second code cell must be parameters"
         assert not any(c.get("outputs") for c in code), f"{chapter} is committed with outputs"
-        assert book.parameters("cpu", chapter)["model_name"] == "sinkbook-tiny"
+        assert project.parameters("cpu", chapter)["model_name"] == "sinkbook-tiny"
         assigned = {t.id for node in ast.parse(code[1].source).body for t in getattr(node, "targets", [])}
-        documented = papermill.inspect_notebook(str(book.ROOT / "chapters" / f"{chapter}.ipynb"))
+        documented = papermill.inspect_notebook(str(project.ROOT / "chapters" / f"{chapter}.ipynb"))
         assert set(documented) == assigned, f"{chapter}: papermill cannot read {assigned - set(documented)}"
 
 
@@ -63,7 +63,7 @@ def test_failing_cell_names_chapter_and_cell(tmp_path):
 
 def test_unknown_profile_lists_choices():
     with pytest.raises(ValueError, match="cpu"):
-        book.parameters("tpu", "01_sink")
+        project.parameters("tpu", "01_sink")
 
 
 def test_overrides_replace_profile_parameters(tmp_path):

@@ -25,15 +25,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sinkutils import book
+from sinkutils import project
 
 DEFAULT_SPEC = "sinkbook @ git+https://github.com/sinkbook/sinkbook@v"
 
 
 def setup_cells() -> dict[str, str]:
     cells = {}
-    for chapter in book.chapters():
-        nb = nbformat.read(book.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    for chapter in project.chapters():
+        nb = nbformat.read(project.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
         cells[chapter] = next(c for c in nb.cells if c.cell_type == "code").source
     return cells
 
@@ -45,7 +45,7 @@ def test_setup_cell_is_identical_in_every_chapter_and_installs_a_tag_by_default(
     assert 'find_spec("sinkutils") is None' in cell
     assert "SINKBOOK_INSTALL_SPEC" in cell and "%pip install" in cell
     default = re.search(r'"SINKBOOK_INSTALL_SPEC", "([^"]+)"', cell).group(1)
-    version = re.search(r'^version = "([^"]+)"', (book.ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    version = re.search(r'^version = "([^"]+)"', (project.ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert default == DEFAULT_SPEC + version, f"Colab installs {default!r}; the package is version {version}"
     assert "torch" not in cell.split("%pip install", 1)[1], "the set-up cell must not install torch"
 
@@ -86,7 +86,7 @@ def test_setup_cell_installs_sinkutils_in_simulated_colab_without_touching_torch
                cwd=tmp_path).stdout.strip() == "None"
 
     checkout = tmp_path / "checkout"  # the working tree as it is, without environments and build outputs
-    shutil.copytree(book.ROOT, checkout, ignore=shutil.ignore_patterns(
+    shutil.copytree(project.ROOT, checkout, ignore=shutil.ignore_patterns(
         ".venv", ".git", "_build", "artifacts", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     env = {**os.environ, "SINKBOOK_INSTALL_SPEC": str(checkout)}
     env.pop("PYTHONPATH", None)

@@ -11,14 +11,14 @@ import tomllib
 import nbformat
 import pytest
 
-from sinkutils import book, widgets
+from sinkutils import book, project, widgets
 
-LINE_LENGTH = tomllib.loads((book.ROOT / "chapters" / "ruff.toml").read_text())["line-length"]
+LINE_LENGTH = tomllib.loads((project.ROOT / "chapters" / "ruff.toml").read_text())["line-length"]
 
 
 def code_cells(chapter: str) -> list[str]:
     """The chapter's code cells after the Colab set-up cell (which is every assignment's set-up cell verbatim)."""
-    nb = nbformat.read(book.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    nb = nbformat.read(project.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
     return [c.source for c in nb.cells if c.cell_type == "code"][1:]
 
 
@@ -32,11 +32,11 @@ def test_chapters_are_formatted_by_ruff():
     assert not diff, f"chapter code is not formatted: run `.venv/bin/python -m sinkutils.book --format`\n{diff[:4000]}"
 
 
-@pytest.mark.parametrize("chapter", book.chapters())
+@pytest.mark.parametrize("chapter", project.chapters())
 def test_code_lines_fit_the_content_column(chapter):
     """ruff cannot split a long string; the chapters split theirs, so no line wraps at 1280 px. Only a parameter's
     comment (the help papermill reads from the ``parameters`` cell) may run on and wrap."""
-    nb = nbformat.read(book.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    nb = nbformat.read(project.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
     cells = [c for c in nb.cells if c.cell_type == "code"][1:]
     lines = [line.split("  # ")[0] if "parameters" in c.metadata.get("tags", []) else line
              for c in cells for line in c.source.splitlines()]
@@ -44,7 +44,7 @@ def test_code_lines_fit_the_content_column(chapter):
     assert not long, f"{chapter}: {len(long)} code lines over {LINE_LENGTH} characters, e.g. {long[:3]}"
 
 
-@pytest.mark.parametrize("chapter", book.chapters())
+@pytest.mark.parametrize("chapter", project.chapters())
 def test_no_printed_rows_and_verdicts_are_callouts(chapter):
     """A loop that prints a line per layer (head, variant) is a table; a claim's verdict is a callout."""
     for src in code_cells(chapter):

@@ -28,9 +28,9 @@ import nbformat
 import pytest
 import yaml
 
-from sinkutils import book, models, standins
+from sinkutils import models, project, standins
 
-ROOT = book.ROOT
+ROOT = project.ROOT
 #: sizes only: the profile's lengths and counts shrunk so that six chapters run in minutes on two CPU cores
 SHRINK = {"seq_len": 64, "n_texts": 2, "compare_len": 64, "retrain_vocab": 300}
 RETRAIN_SHRINK = {"n_layer": 2, "d_model": 64, "n_head": 2, "n_kv_head": 2, "d_ff": 128, "seq_len": 64,
@@ -105,15 +105,15 @@ def executed(checkout: Path, chapter: str) -> tuple[dict, str]:
 
 
 def test_gpu_profile_runs_every_chapter_offline_from_the_hub_cache(checkout, hf_home):
-    profile = book.parameters("gpu", "06_headwise")
+    profile = project.parameters("gpu", "06_headwise")
     retrain = profile["retrain_overrides"] | RETRAIN_SHRINK
     done = run_book(checkout, hf_home, [f"--param=retrain_overrides={json.dumps(retrain)}",
                                         f"--param=retrain_dir={json.dumps(str(hf_home.parent / 'retrain'))}"])
     assert done.returncode == 0, f"run.sh book failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert "is not reachable: using the cache at " + str(hf_home / "hub") in done.stdout
-    for chapter in book.chapters():
+    for chapter in project.chapters():
         params, text = executed(checkout, chapter)
-        gpu = book.parameters("gpu", chapter)
+        gpu = project.parameters("gpu", chapter)
         assert params["model_name"] == gpu["model_name"] == "llama-2-7b"
         assert params["text_source"] == gpu["text_source"] == "wikitext2"
         assert params["seq_len"] == 64
@@ -131,7 +131,7 @@ def test_gpu_profile_runs_every_chapter_offline_from_the_hub_cache(checkout, hf_
 
 @pytest.mark.parametrize("name", ["mistral-7b", "qwen2-7b"])
 def test_chapters_run_unchanged_on_mistral_and_qwen2(checkout, hf_home, name):
-    chapters = [c for c in book.chapters() if c != "06_headwise"]  # chapter 6's model only draws Fig 13
+    chapters = [c for c in project.chapters() if c != "06_headwise"]  # chapter 6's model only draws Fig 13
     done = run_book(checkout, hf_home, [f"--param=model_name={name}", "--param=compare_models=[]", "--only", *chapters])
     assert done.returncode == 0, f"run.sh book failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     for chapter in chapters:
@@ -237,8 +237,8 @@ def test_offline_without_the_models_in_the_cache_lists_each_missing_thing(tmp_pa
 def test_cpu_profile_needs_no_hub():
     from sinkutils import preflight
 
-    assert preflight.needs("cpu", book.chapters()) == ([], False)
-    repos, wikitext = preflight.needs("gpu", book.chapters())
+    assert preflight.needs("cpu", project.chapters()) == ([], False)
+    repos, wikitext = preflight.needs("gpu", project.chapters())
     assert repos == ["meta-llama/Llama-2-7b-hf", "meta-llama/Meta-Llama-3-8B"] and wikitext
     assert preflight.needs("gpu", ["01_sink"], {"model_name": "mistral-7b", "text_source": "python_docs"}) == (
         ["mistralai/Mistral-7B-v0.1"], False)

@@ -199,13 +199,13 @@ def test_a_dead_kernel_names_chapter_and_cell(tmp_path):
 def test_profile_mistakes_are_refused_not_dropped(tmp_path, profile, message):
     import json
 
-    from sinkutils import book
+    from sinkutils import project
     from tests.test_chapters import one_chapter_root
 
     root = one_chapter_root(tmp_path, "01_sink", ["n_texts = 1\nseq_len = 8", "print(n_texts)"], {})
     (root / "profiles" / "cpu.yml").write_text(profile if isinstance(profile, str) else json.dumps(profile))
     with pytest.raises(ValueError, match=message):
-        book.parameters("cpu", "01_sink", root)
+        project.parameters("cpu", "01_sink", root)
 
 
 def run_cli(*args: str):

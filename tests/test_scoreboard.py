@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sinkutils import book, claims, data, models, scoreboard
+from sinkutils import claims, data, models, project, scoreboard
 
 SMALL = scoreboard.Settings(n_texts=8)
 
@@ -20,7 +20,7 @@ def board():
 @pytest.fixture(scope="module")
 def written(board, tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
-    scoreboard.write(board, out, book.ROOT / "chapters")
+    scoreboard.write(board, out, project.ROOT / "chapters")
     return out
 
 
@@ -62,7 +62,7 @@ def test_chain_verdicts_follow_the_claims(board):
 
 
 def test_links_point_at_chapter_headings(board):
-    chapters = book.ROOT / "chapters"
+    chapters = project.ROOT / "chapters"
     for claim in board["models"][models.DEFAULT]:
         page, anchor = scoreboard.section(claim, chapters)
         assert page.startswith(f"{claim.chapter:02d}_")

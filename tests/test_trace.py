@@ -244,24 +244,38 @@ def test_fused_log_partition_matches_chunked_reference(causal):
     torch.testing.assert_close(fused[0], exact[0], atol=1e-5, rtol=1e-5)
 
 
-def test_instrumentation_modules_import_each_other_without_a_cycle():
-    """Every import between attention, variants, models and trace (module level or inside a function) points one
-    way: the registered attention function's module imports neither trace nor variants, and nothing imports back."""
+def sinkutils_imports(names: tuple[str, ...]) -> dict[str, set[str]]:
+    """module -> the modules among ``names`` it imports (``from sinkutils import x`` or ``from sinkutils.x import
+    ...``, at module level or inside a function), read from the sources with ast."""
     import ast
     from pathlib import Path
 
-    names = ("attention", "variants", "models", "trace", "interventions", "measure", "structure")
     root = Path(__file__).resolve().parent.parent / "sinkutils"
     edges = {}
     for name in names:
-        tree = ast.parse((root / f"{name}.py").read_text())
         found = set()
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "sinkutils":
                 found |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sinkutils."):
                 found.add(node.module.split(".")[1])
         edges[name] = found & set(names)
+    return edges
+
+
+def test_instrumentation_modules_import_each_other_without_a_cycle():
+    """Every import between attention, variants, models and trace (module level or inside a function) points one
+    way: the registered attention function's module imports neither trace nor variants, and nothing imports back."""
+    names = ("attention", "variants", "models", "trace", "interventions", "measure", "structure")
+    edges = sinkutils_imports(names)
     assert edges["attention"] == set()
     order = {name: i for i, name in enumerate(names)}  # each module imports only modules listed before it
     assert all(order[dep] < order[name] for name, deps in edges.items() for dep in deps), edges
+
+
+def test_the_build_reads_top_down():
+    """The runner (book) calls the preflight and the scoreboard, never the other way, and neither calls the other;
+    what all three need (the root, the chapters, a profile's parameters) is in project, which imports none."""
+    edges = sinkutils_imports(("project", "preflight", "scoreboard", "book"))
+    assert edges == {"project": set(), "preflight": {"project"}, "scoreboard": {"project"},
+                     "book": {"project", "preflight", "scoreboard"}}

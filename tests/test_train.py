@@ -193,6 +193,29 @@ def test_cli_stop_after_then_ship_writes_the_command_that_regenerates_it(data_di
     assert "--steps 8" in card and "--stop-after 4" in card and "4 steps of 4 x 32 tokens" in card
 
 
+def test_the_regenerate_command_reproduces_every_field_that_decides_the_weights(data_dir, tmp_path, monkeypatch):
+    """The model card's ``run`` line, read by the CLI, gives the shipped run's ``run_fields`` and stopping step:
+    what it leaves out (``MACHINE_FIELDS``, which ``run_fields`` also frees) is all that may differ."""
+    import shlex
+
+    flags = ["--variant", "sigmoid", "--n-layer", "1", "--d-model", "32", "--n-head", "4", "--n-kv-head", "2",
+             "--d-ff", "64", "--seq-len", "32", "--batch-size", "4", "--steps", "6", "--warmup", "1", "--lr", "0.01",
+             "--weight-decay", "0.5", "--eval-every", "2", "--eval-batches", "1", "--threads", "1", "--device", "cpu"]
+    train.main(["run", "--data-dir", data_dir, "--out-dir", str(tmp_path / "run"), *flags, "--stop-after", "2"])
+    dest = train.ship(str(tmp_path / "run"), "card-model", dest_root=tmp_path / "shipped")
+    card = (dest / "MODEL_CARD.md").read_text().splitlines()
+    line = next(line for line in card if line.startswith("python -m sinkutils.train run "))
+    argv = [{"DATA": data_dir, "RUN": str(tmp_path / "again")}.get(a, a) for a in shlex.split(line)[3:]]
+    seen = []
+    monkeypatch.setattr(train, "train", lambda cfg, stop_after=None: seen.append((cfg, stop_after)))
+    train.main(argv)
+    shipped = train.TrainConfig(**json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["config"])
+    [(cfg, stop_after)] = seen
+    assert cfg.run_fields() == shipped.run_fields() and stop_after == 2
+    differ = {k for k, v in dataclasses.asdict(cfg).items() if v != getattr(shipped, k)}
+    assert differ == {"out_dir", "threads", "device"} and differ <= set(train.MACHINE_FIELDS)
+
+
 def test_untied_run_resumes_ships_and_loads_with_its_own_lm_head(data_dir, tmp_path):
     from sinkutils import models
 

@@ -1,0 +1,43 @@
+"""Chapter 2's two batches start alike on every tokenizer: the random-token control (``data.random_batch``) has at
+position 0 the token ``data.token_batch`` puts there, BOS or, for a tokenizer without BOS (Qwen2), its EOS."""
+import pytest
+import torch
+
+from sinkutils import data
+
+WORDS = "the sink forms on the first token of every text whatever it says".split()
+TEXTS = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+
+
+def word_tokenizer(bos: bool, adds_bos: bool, eos: bool = True):
+    """A word-level tokenizer: ids 0-2 are <unk>, <s>, </s>. ``bos``: it has a BOS token (Llama, Mistral, SmolLM2),
+    ``adds_bos``: it also prepends it when encoding (Llama, Mistral; SmolLM2 and Qwen2 do not)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>" if bos else None,
+                                   eos_token="</s>" if eos else None)
+
+
+@pytest.mark.parametrize("bos, adds_bos, first", [(True, True, 1),     # Llama: BOS
+                                                  (True, False, 1),    # SmolLM2: a BOS token it does not add
+                                                  (False, False, 2)])  # Qwen2: no BOS, EOS opens each document
+def test_random_batch_starts_with_the_token_the_text_batch_starts_with(bos, adds_bos, first):
+    tok = word_tokenizer(bos, adds_bos)
+    vocab_size = len(tok)
+    text = data.token_batch(tok, TEXTS, n=6, length=8, seed=3)
+    rand = data.random_batch(tok, vocab_size, n=6, length=8, seed=3)
+    assert (text[:, 0] == first).all() and (rand[:, 0] == first).all()
+    # after it, the uniform draw over the ordinary ids [4, vocab), as with a random first token
+    assert torch.equal(rand[:, 1:], data.random_token_batch(vocab_size, 6, 8, bos_id=None, seed=3)[:, 1:])
+    assert rand[:, 1:].min() >= 4 and rand[:, 1:].max() < vocab_size and rand[:, 1:].unique().numel() > 3
+
+
+def test_a_tokenizer_with_neither_bos_nor_eos_is_refused():
+    with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
+        data.random_batch(word_tokenizer(bos=False, adds_bos=False, eos=False), 20, n=2, length=4)
