@@ -220,6 +220,63 @@ book() {  # "$@": more arguments for sinkutils.book (--only, --no-html, --param 
   done
 }
 
+# What the tests need from the distribution besides .venv: Chromium (tests/test_site.py, tests/test_browser_page.py:
+# the site and the live page in a real browser) and bubblewrap (tests/test_grader.py: the grader's sandbox).
+has_browser() {  # the names tests/test_site.py looks for
+  command -v chromium || command -v chromium-browser || command -v google-chrome
+} >/dev/null 2>&1
+
+test_packages_missing() {  # prints the missing packages' names on one line
+  local missing=()
+  has_browser || missing+=(chromium)
+  command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+  echo "${missing[*]}"
+}
+
+sandbox_problem() {  # empty when the grader's sandbox starts here, else why not and what to do (sinkutils.assign)
+  "$VENV/bin/python" -c 'from sinkutils import assign; print(assign.sandbox_problem() or "")'
+}
+
+test_packages() {  # installs what test_packages_missing names with apt-get where it can (root, or sudo); else says,
+  # before the tests run, which tests will be skipped and the one command that enables them
+  local missing sudo="" out problem how
+  missing=$(test_packages_missing)
+  if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
+    if [ "$(id -u)" != 0 ]; then  # sudo without a password, or with one typed at this terminal
+      if command -v sudo >/dev/null 2>&1 && { sudo -n true 2>/dev/null || [ -t 0 ]; }; then sudo=sudo; else sudo=no; fi
+    fi
+    if [ "$sudo" != no ]; then
+      echo "run.sh: installing $missing with ${sudo:+sudo }apt-get (once), for the tests of the site, the live page" \
+           "and the grader's sandbox" >&2
+      # shellcheck disable=SC2086  # $missing is several words on purpose
+      if ! out=$({ $sudo apt-get update -q &&
+                   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing; } 2>&1); then
+        echo "run.sh: apt-get failed:" >&2
+        tail -n 5 <<<"$out" >&2
+      fi
+      missing=$(test_packages_missing)
+    fi
+  fi
+  if [[ " $missing " == *" chromium "* ]]; then
+    echo "run.sh: Chromium is not installed: the browser tests of the site and the live page (tests/test_site.py," \
+         "tests/test_browser_page.py) will be skipped" >&2
+  fi
+  if [[ " $missing " == *" bubblewrap "* ]]; then
+    echo "run.sh: bubblewrap is not installed: the grader's sandbox tests (tests/test_grader.py) will be skipped" >&2
+  elif problem=$(sandbox_problem) && [ -n "$problem" ]; then
+    echo "run.sh: the grader's sandbox tests (tests/test_grader.py) will be skipped: $problem" >&2
+  fi
+  if [ -n "$missing" ]; then
+    how="install $missing with your system's package manager"
+    if command -v apt-get >/dev/null 2>&1; then
+      how="$([ "$(id -u)" = 0 ] || echo "sudo ")apt-get install $missing"
+    elif command -v dnf >/dev/null 2>&1; then
+      how="$([ "$(id -u)" = 0 ] || echo "sudo ")dnf install $missing"
+    fi
+    echo "run.sh: to run them too: $how" >&2
+  fi
+}
+
 main() {
   case "${1:-}" in
     vendor)
@@ -234,6 +291,7 @@ main() {
     test)
       shift
       setup requirements-gpu.txt  # the tests rehearse the gpu profile too (tests/test_gpu_rehearsal.py)
+      test_packages
       HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest "$@"
       ;;
     *)

@@ -47,10 +47,11 @@ from typing import TYPE_CHECKING
 
 import nbformat
 
+from sinkutils.project import ROOT
+
 if TYPE_CHECKING:
     from sinkutils.exercises import Result
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "assignments"
 STUDENT = SOURCES / "student"
 CSV_FIELDS = ("student", "exercise", "result", "message")
@@ -398,8 +399,10 @@ def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> 
             argv += ["--symlink", os.readlink(path), str(path)]
         elif path.is_dir():
             argv += ["--ro-bind", str(path), str(path)]
+    # the private /tmp before what is bound: the project or its Python may live in /tmp, and is bound on top of it
+    argv += ["--size", str(SANDBOX_TMP_BYTES), "--perms", "01777", "--tmpfs", "/tmp"]
     bound = [Path("/usr"), Path("/etc")]
-    made: set[Path] = set()
+    made: set[Path] = {Path("/tmp")}
     for path in _readonly_paths():
         for parent in reversed(path.parents[:-1]):
             if parent not in made and not any(parent.is_relative_to(b) for b in bound):
@@ -407,11 +410,10 @@ def _bwrap_argv(hidden: list[Path], env: dict[str, str], command: list[str]) -> 
                 made.add(parent)
         argv += ["--ro-bind", str(path), str(path)]
         bound.append(path)
-    for path in hidden:  # where it shows inside, also through a bound path that is a symbolic link
+    for path in map(Path.resolve, hidden):  # where it shows inside, also through a bound path or its own symlink
         for inside in {b / path.relative_to(b.resolve()) for b in bound if path.is_relative_to(b.resolve())}:
             argv += ["--tmpfs", str(inside), "--remount-ro", str(inside)]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SANDBOX_TMP_BYTES), "--perms", "01777",
-             "--tmpfs", "/tmp", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     for name, value in env.items():
         argv += ["--setenv", name, value]
     if _as_root():
@@ -435,6 +437,9 @@ def sandbox_problem(hidden: list[Path] = ()) -> str | None:
     if probe.returncode == 0:
         return None
     why = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1][:200]
+    if not why.startswith("bwrap:"):  # the sandbox started; the Python in it failed
+        return (f"in the bubblewrap sandbox this Python cannot import sinkutils.assign and papermill ({why}); "
+                f"what the sandbox binds: {', '.join(map(str, _readonly_paths()))}")
     return (f"bubblewrap cannot start a sandbox here ({why}): allow unprivileged user namespaces "
             "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04 also "
             "kernel.apparmor_restrict_unprivileged_userns=0), or in Docker run the container with "

@@ -1,4 +1,36 @@
 import os
+import shutil
+from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+#: skips the machine decides, by the start of their reason, and what to do about them. Chromium and bubblewrap
+#: are distribution packages (``bash run.sh test`` installs them where it can); CUDA is hardware.
+MACHINE_SKIPS = {"needs chromium": "chromium", "needs bubblewrap": "bubblewrap", "needs CUDA": "CUDA"}
+
+
+def skip_counts(reports) -> Counter:
+    """Skipped test reports counted by what they need (``MACHINE_SKIPS``' values; 'other' for any other reason)."""
+    counts = Counter()
+    for rep in reports:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[next((what for start, what in MACHINE_SKIPS.items() if reason.startswith(start)), "other")] += 1
+    return counts
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line before pytest's own: the skips for want of a package apart from those for want of a GPU."""
+    if terminalreporter.config.option.collectonly:
+        return
+    counts = skip_counts(terminalreporter.stats.get("skipped", []))
+    wanted = counts["chromium"] + counts["bubblewrap"]
+    line = (f"skipped for want of chromium/bubblewrap: {wanted} (chromium {counts['chromium']}, bubblewrap "
+            f"{counts['bubblewrap']}); need CUDA: {counts['CUDA']}; other skips: {counts['other']}")
+    missing = [p for p in ("chromium", "bubblewrap") if counts[p] and not (p == "bubblewrap" and shutil.which("bwrap"))]
+    if missing:
+        line += f". To run them: apt-get install {' '.join(missing)} (as root; bash run.sh test does it where it can)"
+    if counts["bubblewrap"] and "bubblewrap" not in missing:
+        line += ". bubblewrap is installed but cannot start a sandbox here: the skip's reason (-rs) says why"
+    terminalreporter.write_line(line, yellow=bool(wanted))

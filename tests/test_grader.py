@@ -1,9 +1,9 @@
 """The grader (``python -m sinkutils.assign grade``): a bubblewrap sandbox per submission, nothing lost.
 
-The sandbox tests run only where bubblewrap can start a sandbox (CI installs it; see .ci/run) and skip, saying
-why, elsewhere. The attacks come from students who know the absolute paths of the submissions, the CSV, the
-project and the grader's PID: each attacker's other rows, every classmate's rows, the files on disk and the
-processes left afterwards are checked, never just that grading ran.
+The sandbox tests run only where bubblewrap can start a sandbox (``bash run.sh test`` installs it where it can)
+and skip, saying why, elsewhere. The attacks come from students who know the absolute paths of the submissions,
+the CSV, the project and the grader's PID: each attacker's other rows, every classmate's rows, the files on disk
+and the processes left afterwards are checked, never just that grading ran.
 """
 import copy
 import csv
@@ -34,7 +34,7 @@ MARK = "sinkbook-attack-marker"
 def sandbox():
     problem = assign.sandbox_problem()
     if problem is not None:
-        pytest.skip(f"no bubblewrap sandbox here: {problem}")
+        pytest.skip(f"needs bubblewrap: no sandbox here: {problem}")  # counted apart by tests/conftest.py
 
 
 def _trimmed(nb):
@@ -177,7 +177,10 @@ def test_sandbox_shows_only_what_grading_needs_and_lets_write_only_a_small_priva
     assert len(seen["pids"]) <= 3, seen["pids"]  # bwrap's init and this command: no process of the host
     assert set(seen["project"]) <= {"sinkutils", ".venv"}, seen["project"]  # not the project, not its submissions
     assert seen["hidden"] == {hidden_inside: [], str(tmp_path): None}
-    assert seen["writable"] == ["/tmp"]
+    # the private /tmp only (where the project lives in /tmp, its folder there is the private one, as root unwritable)
+    assert seen["writable"][-1] == "/tmp" and all(p.startswith("/tmp/") for p in seen["writable"][:-1])
+    assert {str(assign.ROOT / "sinkutils"), sys.prefix}.isdisjoint(seen["writable"])
+    assert os.geteuid() != 0 or seen["writable"] == ["/tmp"]
     assert seen["filled_mb"] <= assign.SANDBOX_TMP_BYTES >> 20 and seen["fill_error"] == 28  # ENOSPC
     assert seen["loopback"] == "ConnectionRefusedError" and seen["internet"] == "OSError"  # unreachable network
     assert accepted == []

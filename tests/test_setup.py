@@ -7,6 +7,7 @@ import importlib.metadata as md
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -15,9 +16,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from sinkutils import book
+from sinkutils import project
 
-ROOT = book.ROOT
+ROOT = project.ROOT
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -162,3 +163,38 @@ def test_readme_commands_work_as_typed():
             script = re.match(r"\.venv/bin/python ([\w/]+\.py)", cmd)
             if script:
                 assert (ROOT / script.group(1)).exists(), f"{doc}: no {script.group(1)}"
+
+
+def run_test_packages(tmp_path: Path, uid: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """run.sh's test_packages on a machine with apt-get but neither Chromium nor bubblewrap, as ``uid``, without
+    sudo. The fake apt-get logs its arguments and 'installs' a package by putting its command on PATH."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "apt.log"
+    bin_dir.mkdir()
+    for tool in ("dirname", "tail", "env"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    install = (f'for p in "$@"; do case $p in chromium) c=chromium;; bubblewrap) c=bwrap;; *) continue;; esac; '
+               f'printf "#!/bin/sh\\n" > {bin_dir}/$c; chmod +x {bin_dir}/$c; done')
+    scripts = {"id": f"echo {uid}", "apt-get": f'echo "$@" >> {log}\n{install}'}
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    script = "source run.sh\nsandbox_problem() { :; }\ntest_packages"  # the probe itself: tests/test_grader.py
+    done = subprocess.run(["/bin/bash", "-c", script], cwd=ROOT, env={"PATH": str(bin_dir)}, capture_output=True,
+                          text=True, check=True, stdin=subprocess.DEVNULL)
+    return done, log
+
+
+def test_run_sh_test_installs_chromium_and_bubblewrap_as_root(tmp_path):
+    done, log = run_test_packages(tmp_path, uid=0)
+    assert log.read_text().splitlines() == ["update -q", "install -y -q chromium bubblewrap"]
+    assert "installing chromium bubblewrap with apt-get" in done.stderr and "skipped" not in done.stderr
+
+
+def test_run_sh_test_says_before_the_run_what_it_cannot_install_will_skip_and_how_to_enable_it(tmp_path):
+    done, log = run_test_packages(tmp_path, uid=1000)  # no root, no sudo
+    assert not log.exists()
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, lines
+    assert "tests/test_site.py, tests/test_browser_page.py) will be skipped" in lines[0]
+    assert "(tests/test_grader.py) will be skipped" in lines[1]
+    assert lines[2] == "run.sh: to run them too: sudo apt-get install chromium bubblewrap"

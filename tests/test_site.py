@@ -36,13 +36,14 @@ import nbformat
 import pytest
 import yaml
 
-from sinkutils import book, models, release, scoreboard
+from sinkutils import book, models, project, release, scoreboard
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install "
-                                    "chromium; .ci/run installs it): the real-browser site checks need it")
-ARTIFACTS = book.ROOT / "artifacts" / "site"
-VENDOR = book.ROOT / "book" / "vendor"
+#: the reason tests/conftest.py counts apart (``bash run.sh test`` installs Chromium where it can)
+NO_CHROMIUM = "needs chromium: not installed (Debian: apt-get install chromium): the real-browser checks need it"
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+ARTIFACTS = project.ROOT / "artifacts" / "site"
+VENDOR = project.ROOT / "book" / "vendor"
 #: chapters executed for the test build (each one papermill run, ~15 s on two CPU cores)
 SITE_CHAPTERS = ["01_sink"]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -90,12 +91,12 @@ def random_llama(path: Path) -> Path:
 def build_site(root: Path, chapters: list[str]) -> Path:
     """The book's own pipeline on a temp root holding ``chapters`` only: stage, papermill, jupyter-book -W."""
     for name in ("_config.yml", "book"):
-        src = book.ROOT / name
+        src = project.ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
     (root / "chapters").mkdir()
     for chapter in chapters:
-        shutil.copy2(book.ROOT / "chapters" / f"{chapter}.ipynb", root / "chapters")
-    toc = yaml.safe_load((book.ROOT / "_toc.yml").read_text())
+        shutil.copy2(project.ROOT / "chapters" / f"{chapter}.ipynb", root / "chapters")
+    toc = yaml.safe_load((project.ROOT / "_toc.yml").read_text())
     for part in toc["parts"]:  # the toc without the chapters (and assignments) not built: a missing page fails -W
         part["chapters"] = [c for c in part["chapters"] if not c["file"].startswith(("chapters/", "assignments/"))
                             or c["file"] in [f"chapters/{ch}" for ch in chapters]]
@@ -293,7 +294,7 @@ class Page:
 @pytest.fixture(scope="module")
 def browser(server):
     if CHROMIUM is None:
-        pytest.skip("Chromium is not installed")
+        pytest.skip(NO_CHROMIUM)
     with tempfile.TemporaryDirectory(prefix="sinkbook-chromium-") as tmp:
         chromium = Chromium(CHROMIUM, Path(tmp))
         try:
@@ -371,7 +372,7 @@ JS_CODE_COLUMN = """(() => {
   const style = getComputedStyle(pre);
   return (pre.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) / char;
 })()"""
-CODE_WIDTH = tomllib.loads((book.ROOT / "chapters" / "ruff.toml").read_text())["line-length"]
+CODE_WIDTH = tomllib.loads((project.ROOT / "chapters" / "ruff.toml").read_text())["line-length"]
 
 
 def png_width(path: Path) -> int:
@@ -399,7 +400,7 @@ class _Refs(HTMLParser):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_vendored_assets_match_pins_and_checksums():
-    pins = re.search(r"VENDOR_PINS=\(\n(.*?)\n\)", (book.ROOT / "run.sh").read_text(), re.S).group(1)
+    pins = re.search(r"VENDOR_PINS=\(\n(.*?)\n\)", (project.ROOT / "run.sh").read_text(), re.S).group(1)
     assert (VENDOR / "PINS").read_text().split() == [w.strip('"') for w in pins.split()], \
         "book/vendor is from other versions than run.sh pins: run `bash run.sh vendor`"
     listed = {}
@@ -412,8 +413,8 @@ def test_vendored_assets_match_pins_and_checksums():
 
 
 def test_config_loads_vendored_scripts():
-    cfg = yaml.safe_load((book.ROOT / "_config.yml").read_text())["sphinx"]["config"]
-    static = [book.ROOT / p for p in cfg["html_static_path"]]
+    cfg = yaml.safe_load((project.ROOT / "_config.yml").read_text())["sphinx"]["config"]
+    static = [project.ROOT / p for p in cfg["html_static_path"]]
     assert VENDOR in static
     for script in [cfg["mathjax_path"], *filter(None, cfg["nb_ipywidgets_js"])]:  # "" is an inline script
         assert "://" not in script and any((d / script).is_file() for d in static), f"{script} is not vendored"
@@ -535,7 +536,7 @@ def test_colab_and_download_buttons_open_this_chapter(site):
     """Colab opens this chapter's notebook from the repository of the release coordinates (pyproject.toml) on the
     branch the site names; the download button serves this chapter's executed notebook."""
     repo = release.coordinates()["slug"]
-    branch = yaml.safe_load((book.ROOT / "_config.yml").read_text())["repository"]["branch"]
+    branch = yaml.safe_load((project.ROOT / "_config.yml").read_text())["repository"]["branch"]
     pages = chapter_pages(site)
     assert pages, "the site has no chapter pages"
     for rel in pages:
@@ -545,13 +546,13 @@ def test_colab_and_download_buttons_open_this_chapter(site):
         colab = [href for classes, title, href in parser.links if "btn" in classes and "Colab" in title]
         assert colab == [f"https://colab.research.google.com/github/{repo}/blob/{branch}/chapters/{name}.ipynb"], \
             f"{name}: the Colab button opens {colab}"
-        assert (book.ROOT / "chapters" / f"{name}.ipynb").is_file()  # the file Colab opens, in this checkout
+        assert (project.ROOT / "chapters" / f"{name}.ipynb").is_file()  # the file Colab opens, in this checkout
         download = [href for classes, _, href in parser.links if "btn-download-source-button" in classes]
         assert len(download) == 1 and download[0].endswith(f"/chapters/{name}.ipynb"), f"{name}: download {download}"
         served = (site / rel).parent / download[0]
         assert served.is_file(), f"{name}: the download button's {download[0]} is not in the site"
         got = [c.source for c in nbformat.reads(served.read_text(encoding="utf-8"), as_version=4).cells]
-        source = [c.source for c in nbformat.read(book.ROOT / "chapters" / f"{name}.ipynb", as_version=4).cells]
+        source = [c.source for c in nbformat.read(project.ROOT / "chapters" / f"{name}.ipynb", as_version=4).cells]
         rest = iter(got)  # every cell of the chapter, in order (papermill adds its injected-parameters cell)
         assert all(any(cell == g for g in rest) for cell in source), f"{name}: the download is not this chapter"
 
