@@ -59,30 +59,24 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(p).sum(-1)
 
 
-def kendall_tau(x: torch.Tensor, y: torch.Tensor, max_elements: int = 2 ** 26) -> torch.Tensor:
+def kendall_tau(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Kendall's tau-b between ``x`` and ``y`` along the last dimension, batched over leading ones; ``y``
     broadcasts against ``x`` (Fig 7: one tau per W_O output neuron against token 0's input profile; Fig 12:
     alignment against positivity across heads). Pairs tied in both count in neither; a constant input gives 0.
 
-    Exact and O(n^2) per row: rows are processed in chunks of at most ``max_elements`` pair entries, so
-    4096 neurons x 4096 dimensions (Llama-2-7B) run in bounded memory."""
+    Exact, in O(n log n) per row: scipy's tau-b sorts instead of comparing every pair, so 576 neurons x 576
+    dimensions (SmolLM2) take a tenth of a second and 4096 x 4096 (Llama-2-7B) seconds, where all pairs took
+    seconds and minutes."""
+    from scipy import stats
+
     x, y = torch.broadcast_tensors(torch.as_tensor(x), torch.as_tensor(y))
     n = x.shape[-1]
     if n < 2:
         raise ValueError("Kendall's tau needs at least two observations")
-    lead = x.shape[:-1]
-    xs, ys = x.reshape(-1, n).double(), y.reshape(-1, n).double()
-    chunk = max(1, max_elements // (n * n))
-    out = []
-    for start in range(0, xs.shape[0], chunk):
-        a, b = xs[start:start + chunk], ys[start:start + chunk]
-        dx = (a[:, :, None] > a[:, None, :]).to(torch.int8) - (a[:, :, None] < a[:, None, :]).to(torch.int8)
-        dy = (b[:, :, None] > b[:, None, :]).to(torch.int8) - (b[:, :, None] < b[:, None, :]).to(torch.int8)
-        concord = (dx * dy).sum((-1, -2), dtype=torch.float64)
-        n_x = (dx != 0).sum((-1, -2), dtype=torch.float64)
-        n_y = (dy != 0).sum((-1, -2), dtype=torch.float64)
-        out.append(concord / (n_x * n_y).sqrt().clamp_min(1e-300))
-    return torch.cat(out).reshape(lead).float()
+    xs = x.detach().reshape(-1, n).double().cpu().numpy()
+    ys = y.detach().reshape(-1, n).double().cpu().numpy()
+    taus = [stats.kendalltau(a, b, method="asymptotic").statistic for a, b in zip(xs, ys)]
+    return torch.tensor(taus, dtype=torch.float64).nan_to_num(0.0).reshape(x.shape[:-1]).float()
 
 
 def kendall_null_sd(n: int) -> float:
