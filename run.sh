@@ -277,6 +277,10 @@ test_packages() {  # installs what test_packages_missing names with apt-get wher
   fi
 }
 
+# OpenMP threads that spin while they wait take the cores from whatever runs beside them (a second chapter kernel, a
+# test process, a browser): PASSIVE lets them sleep. Measured by benchmarks/measure_once.py --contention.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
 main() {
   case "${1:-}" in
     vendor)

@@ -300,6 +300,16 @@ def parse_params(items: list[str]) -> dict:
     return overrides
 
 
+def shared_store(root: Path = ROOT) -> Path:
+    """Measure once per build: every chapter's kernel (they inherit this process's environment) and the scoreboard
+    read and write one ``store`` (``SINKBOOK_STORE``, default ``_build/store``; its keys make a stale entry
+    unreadable), and OpenMP threads wait passively (``OMP_WAIT_POLICY``: spinning threads of one process take the
+    cores from the next; ``benchmarks/measure_once.py --contention``)."""
+    os.environ.setdefault("SINKBOOK_STORE", str(root / "_build" / "store"))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return Path(os.environ["SINKBOOK_STORE"])
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Execute (and build); prints and returns seconds per chapter, for the HTML build, and in total."""
     p = argparse.ArgumentParser(prog="python -m sinkutils.book", description=__doc__,
@@ -338,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from sinkutils import preflight
     preflight.ensure(args.profile, names, overrides)  # hub models and text reachable (or cached), before any chapter
     stage_dir = stage()
+    shared_store()
     timings = {}
     jobs = [("chapters", n) for n in names] + [("assignments", n) for n in ([] if args.no_assignments else assignments())]
     for folder, name in tqdm(jobs, desc=f"chapters and assignments ({args.profile})"):
@@ -352,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         start = time.time()
         from sinkutils import scoreboard
         board = scoreboard.measure(scoreboard.columns(args.profile, overrides))
+        timings["scoreboard"] = time.time() - start
+        start = time.time()
         print(f"site: {build_html(stage_dir, board=board)}")
         timings["html build"] = time.time() - start
     timings["total"] = sum(timings.values())
