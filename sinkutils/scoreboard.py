@@ -236,10 +236,19 @@ def variants_part(result: dict, chapters_dir: Path, compact: bool = False) -> li
             "variants:", "", table(result, chapters_dir, compact, part="variants"), ""]
 
 
-def write(result: dict, book_dir: Path, chapters_dir: Path, model: str = models.DEFAULT) -> list[Path]:
+def chain_model(result: dict) -> str:
+    """The model the chain figure shows: the first measured model besides the embedded default (the one the profile's
+    chapters analyse: SmolLM2-135M on the cpu profile, Llama-2-7B on the gpu profile), else the default."""
+    return next((m for m in result["models"] if m != models.DEFAULT), models.DEFAULT)
+
+
+def write(result: dict, book_dir: Path, chapters_dir: Path, model: str | None = None) -> list[Path]:
     """``scoreboard.md``, ``scoreboard_summary.md``, ``scoreboard_figure.md`` and the chain figure
-    ``scoreboard_chain.png`` in ``book_dir``; the links point at ``chapters_dir``'s headings."""
+    ``scoreboard_chain.png`` (on ``model``, default ``chain_model``) in ``book_dir``; the links point at
+    ``chapters_dir``'s headings."""
     from sinkutils import plots
+
+    model = model or chain_model(result)
 
     fig = plots.causal_chain(chain_verdicts(result, model), title=f"the paper's causal chain on {Path(model).name}")
     png = book_dir / "scoreboard_chain.png"
