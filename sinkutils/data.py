@@ -9,6 +9,7 @@ first token and draws the rest uniformly, so "random tokens" means random *conte
 from __future__ import annotations
 
 import ast
+import bisect
 import importlib.util
 import random
 import sys
@@ -137,7 +138,11 @@ def start_token(tokenizer) -> int:
 def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int = 0) -> torch.Tensor:
     """``n`` sequences of exactly ``length`` tokens, each BOS (``start_token``) + a window of one paragraph stream.
 
-    Paragraphs are joined (EOS between them) and cut at seeded random offsets, so every row is real text.
+    Paragraphs are joined (EOS between them) and cut at seeded random offsets, so every row is real text. A
+    tokenizer without BOS (Qwen2) starts the rows with its EOS, which also separates the paragraphs: its windows
+    are drawn among those that hold no separator, so position 0 is the only start token in a row, as with BOS
+    (``origin``'s probes move that token). SmolLM2-135M's tokenizer has a BOS, ``<|im_start|>``, that it leaves to
+    the chat template to add: it starts the rows, as it starts every conversation the model was tuned on.
     """
     if length < 2:
         raise ValueError(f"length must be at least 2 (BOS + one token), got {length}")
@@ -153,8 +158,18 @@ def token_batch(tokenizer, paragraphs: list[str], n: int, length: int, seed: int
     if len(stream) <= body:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than the {body} each sequence needs")
     rng = random.Random(seed)
-    rows = [[start_token(tokenizer)] + stream[s:s + body]
-            for s in (rng.randrange(len(stream) - body) for _ in range(n))]
+    start = start_token(tokenizer)
+    if start != eos:
+        offsets = [rng.randrange(len(stream) - body) for _ in range(n)]
+    else:
+        separators = [i for i, t in enumerate(stream) if t == eos] + [len(stream)]
+        clear = [s for s in range(len(stream) - body)
+                 if separators[bisect.bisect_left(separators, s)] >= s + body]  # the next separator lies past it
+        if not clear:
+            raise ValueError(f"no paragraph holds the {body} tokens each sequence needs (the rows start with EOS, "
+                             f"which also separates paragraphs); give longer text or a smaller length")
+        offsets = [rng.choice(clear) for _ in range(n)]
+    rows = [[start] + stream[s:s + body] for s in offsets]
     return torch.tensor(rows, dtype=torch.long)
 
 

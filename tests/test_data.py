@@ -41,3 +41,36 @@ def test_random_batch_starts_with_the_token_the_text_batch_starts_with(bos, adds
 def test_a_tokenizer_with_neither_bos_nor_eos_is_refused():
     with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
         data.random_batch(word_tokenizer(bos=False, adds_bos=False, eos=False), 20, n=2, length=4)
+
+
+def stream_of(tok, texts) -> list[int]:
+    """The paragraph stream token_batch cuts: each text's tokens, then EOS."""
+    return [t for p in texts for t in tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+
+
+def test_with_a_start_token_of_its_own_the_windows_are_the_seeded_offsets():
+    """BOS (SmolLM2's <|im_start|> too, which its tokenizer does not add) + the window at each offset that
+    ``random.Random(seed).randrange`` draws: the windows every chapter measured stay as they were."""
+    import random
+
+    for adds_bos in (True, False):
+        tok = word_tokenizer(bos=True, adds_bos=adds_bos)
+        stream, rng = stream_of(tok, TEXTS), random.Random(3)
+        expected = [[1] + stream[s:s + 7] for s in (rng.randrange(len(stream) - 7) for _ in range(6))]
+        assert data.token_batch(tok, TEXTS, n=6, length=8, seed=3).tolist() == expected
+
+
+def test_without_bos_the_start_token_stands_at_position_0_only():
+    """A tokenizer without BOS (Qwen2) starts the rows with EOS, which also separates the paragraphs: no row may
+    hold it again, or ``origin.sink_origin`` refuses the rows (11 of these 16 did before)."""
+    tok = word_tokenizer(bos=False, adds_bos=False)
+    ids = data.token_batch(tok, TEXTS, n=16, length=8, seed=0)
+    assert (ids[:, 0] == 2).all() and not (ids[:, 1:] == 2).any()
+    stream = stream_of(tok, TEXTS)
+    assert all(any(stream[s:s + 7] == row[1:] for s in range(len(stream) - 7)) for row in ids.tolist())
+    assert len({tuple(r) for r in ids.tolist()}) > 8  # still spread over the text
+
+
+def test_without_bos_text_shorter_than_a_row_is_refused():
+    with pytest.raises(ValueError, match="no paragraph holds"):
+        data.token_batch(word_tokenizer(bos=False, adds_bos=False), TEXTS, n=2, length=16)
