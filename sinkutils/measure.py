@@ -247,9 +247,10 @@ def attention_received(model, ids: torch.Tensor, layer: int, batch_size: int = 1
     models.check_layer(model, layer)
     T = ids.shape[1]
     later = torch.tril(torch.ones(T, T, device=model.device), diagonal=-1)  # query t > key j
-    received = mean_over_sequences(model, ids, ("attn.pattern",),
-                                   lambda rec: (rec["attn.pattern"][0].float() * later).sum(-2).mean(1).sum(0),
-                                   batch_size=batch_size, desc=f"attention received, layer {layer}", layers=[layer])
+    received = mean_over_sequences(  # a spread model's maps are gathered on the CPU: ``later`` goes where they are
+        model, ids, ("attn.pattern",),
+        lambda rec: (rec["attn.pattern"][0].float() * later.to(rec.home or later.device)).sum(-2).mean(1).sum(0),
+        batch_size=batch_size, desc=f"attention received, layer {layer}", layers=[layer])
     return received[:-1] / later.sum(0)[:-1].cpu()
 
 
