@@ -201,14 +201,18 @@ def seconds_per_step(cfg, vocab_size: int, probe_steps: int = 3) -> float:
     return (time.perf_counter() - start) / probe_steps
 
 
-def retrain(out_root: str | Path, cfgs: dict, stop_after: int) -> dict[str, Path]:
+def retrain(out_root: str | Path, cfgs: dict, stop_after: int, processes: int = 1) -> dict[str, Path]:
     """Train (or resume: rerunning continues where an interrupted run stopped) every config up to
-    ``stop_after`` and export each as a model folder ``models.load`` accepts; returns variant -> folder."""
+    ``stop_after`` and export each as a model folder ``models.load`` accepts; returns variant -> folder.
+    ``processes`` > 1 trains each with torchrun on that many GPUs of this machine (``train.run_distributed``)."""
     from sinkutils import train
 
     out: dict[str, Path] = {}
     for variant, cfg in cfgs.items():
-        train.train(cfg, stop_after=stop_after)
+        if processes > 1:
+            train.run_distributed(cfg, processes, stop_after=stop_after)
+        else:
+            train.train(cfg, stop_after=stop_after)
         out[variant] = train.ship(cfg.out_dir, variant, dest_root=Path(out_root) / "models")
     return out
 

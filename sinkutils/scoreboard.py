@@ -41,6 +41,8 @@ class Settings:
     seq_len: int = 128
     seed: int = 0
     batch_size: int = 8
+    device_map: str | dict | None = None  # the model's placement (``models.load``): "auto" spreads a 70B model
+    max_memory: dict | None = None
 
 
 def measure(columns: dict[str, Settings], variants: Settings | None = Settings()) -> dict:
@@ -49,7 +51,7 @@ def measure(columns: dict[str, Settings], variants: Settings | None = Settings()
     ``variants`` (none when None)."""
     out = {"models": {}, "variants": []}
     for name, s in columns.items():
-        model, tokenizer = models.load(name)
+        model, tokenizer = models.load(name, device_map=s.device_map, max_memory=s.max_memory)
         ids = data.token_batch(tokenizer, data.texts(s.text_source)[1], n=s.n_texts, length=s.seq_len, seed=s.seed)
         out["models"][name] = claims.of_model(model, ids, batch_size=s.batch_size)
         del model
@@ -78,7 +80,8 @@ def profile_columns(profile: str, overrides: dict | None = None, root: Path = pr
     first = params[0]
     s = Settings(text_source=first.get("text_source", Settings.text_source),
                  n_texts=min(p.get("n_texts", Settings.n_texts) for p in params), seq_len=first.get("seq_len", 128),
-                 seed=first.get("seed", 0), batch_size=min(p.get("batch_size", 8) for p in params))
+                 seed=first.get("seed", 0), batch_size=min(p.get("batch_size", 8) for p in params),
+                 device_map=first.get("device_map"), max_memory=first.get("max_memory"))
     return {name: s for name in names}
 
 

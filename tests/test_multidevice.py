@@ -102,7 +102,7 @@ MEASUREMENTS = {
     "interventions": _interventions,
     "measure.sink_profile": lambda m, ids: measure.sink_profile(m, ids, batch_size=2),
     "measure.attention_patterns": lambda m, ids: measure.attention_patterns(m, ids, length=16),
-    "measure.variance_profile": lambda m, ids: measure.variance_profile(m, ids, batch_size=2, layers_per_pass=4),
+    "measure.variance_profile": lambda m, ids: measure.variance_profile(m, ids, batch_size=2),
     "measure.position_variance": lambda m, ids: measure.position_variance(m, ids, batch_size=2),
     "measure.mask_effect": lambda m, ids: measure.mask_effect(m, ids, K, batch_size=2, progress=False),
     "measure.attention_received": lambda m, ids: measure.attention_received(m, ids, layer=3, batch_size=2),
@@ -165,3 +165,24 @@ def test_recorder_gathers_a_spread_model_on_the_cpu(pair):
         with trace.record(model, "attn.sink") as rec:
             model(input_ids=ids)
         assert rec.home == home
+
+
+def test_gpu_70b_profile_spreads_every_chapters_model():
+    """``PROFILE=gpu-70b``: every chapter loads Llama-2-70B with ``device_map="auto"`` (the chapters pass their
+    ``device_map`` and ``max_memory`` to ``models.load``), the preflight asks for its hub repo, and the scoreboard
+    loads it the same way."""
+    import json
+
+    from sinkutils import book, preflight, scoreboard
+
+    for chapter in book.chapters():
+        params = book.parameters("gpu-70b", chapter)
+        assert params["device_map"] == "auto" and models.resolve(params["model_name"]) == (
+            "meta-llama/Llama-2-70b-hf", False), chapter
+        assert {"device_map", "max_memory"} <= book.declared(chapter)
+        code = "".join("".join(c["source"]) for c in json.loads((book.ROOT / "chapters" / f"{chapter}.ipynb")
+                                                                  .read_text())["cells"])
+        assert "model_name, device_map=device_map, max_memory=max_memory" in code, chapter
+    assert preflight.needs("gpu-70b", book.chapters()) == (["meta-llama/Llama-2-70b-hf"], True)
+    settings = scoreboard.profile_columns("gpu-70b")["llama-2-70b"]
+    assert settings.device_map == "auto" and settings.max_memory is None

@@ -273,22 +273,24 @@ train.main(sys.argv[1:])
 
 def test_torchrun_two_processes_follow_the_single_process_run_through_kills(data_dir, tmp_path):
     """2 CPU processes (gloo), each half of every batch: the single-process trajectory up to float summation order,
-    also when a rank is killed. torchrun restarts the workers (``--max-restarts``), which resume from the last
-    checkpoint: rank 1 is killed before step 3 and, in the restarted run, rank 0 before step 5. Every checkpoint
-    is written by rank 0 alone, and the two ranks' rows of each step are the two halves of the one-process batch."""
+    also when a rank is killed and the same command is run again: rank 1 is killed before step 3, and in the rerun
+    rank 0 before step 5; each rerun resumes from the last checkpoint. Every checkpoint is written by rank 0 alone,
+    and the two ranks' rows of each step are the two halves of the one-process batch."""
     from transformers import AutoTokenizer
 
     args = dict(variant="gated", steps=8, eval_every=4, ckpt_every=2)
     single = train.train(tiny_cfg(data_dir, tmp_path / "one", **args))
     cfg = tiny_cfg(data_dir, tmp_path / "two", **args)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items()]
     (tmp_path / "spy.py").write_text(SPY)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env |= {"SPY_DIR": str(tmp_path), "SPY_KILL": "1:3,0:5", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "--max-restarts=2", str(tmp_path / "spy.py"), "run", *flags], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=Path(__file__).parents[1])
-    assert run.returncode == 0, run.stderr[-3000:]
+    env |= {"SPY_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    stdout = ""
+    for kill, ok in (("1:3", False), ("0:5", False), ("", True)):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              str(tmp_path / "spy.py"), "run", *train.cli_flags(cfg)], capture_output=True, text=True,
+                             timeout=120, env=env | {"SPY_KILL": kill}, cwd=Path(__file__).parents[1])
+        assert (run.returncode == 0) == ok, (kill, run.stderr[-3000:])
+        stdout += run.stdout
     assert (tmp_path / "killed-0").exists() and (tmp_path / "killed-1").exists()
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
@@ -298,10 +300,10 @@ def test_torchrun_two_processes_follow_the_single_process_run_through_kills(data
     for x, y in zip(single["log"], log):
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5)
-    assert run.stdout.count("step 4: val") == 1 and run.stdout.count("step 8: val") == 1  # only rank 0 reports
+    assert stdout.count("step 4: val") == 1 and stdout.count("step 8: val") == 1  # only rank 0 reports
     entries = {r: [json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
-    # three attempts: from step 0 (rank 1 killed before step 3), resumed at 2 (rank 0 killed before 5), resumed at
-    # 4 to the end; the rank not killed may have begun the step the other died before. Checkpoints: by rank 0 only.
+    # three runs: from step 0 (rank 1 killed before step 3), resumed at 2 (rank 0 killed before 5), resumed at 4 to
+    # the end; the rank not killed may have begun the step the other died before. Checkpoints: by rank 0 only.
     for r in (0, 1):
         steps = [e["step"] for e in entries[r] if "step" in e]
         assert [s for prev, s in zip(steps, steps[1:]) if s <= prev] == [2, 4] and steps[-1] == 7, (r, steps)
@@ -316,6 +318,23 @@ def test_torchrun_two_processes_follow_the_single_process_run_through_kills(data
         shards = {r: [e["rows"] for e in entries[r] if e.get("step") == step] for r in (0, 1)}
         for r in (0, 1):  # every attempt that ran the step gave each rank its own half, nothing else
             assert shards[r] and all(rows == whole[r * half:(r + 1) * half] for rows in shards[r]), (step, r)
+
+
+def test_run_distributed_starts_torchrun_and_stops_where_asked(data_dir, tmp_path, monkeypatch):
+    """``train.run_distributed`` (chapter 6's ``retrain_processes``): torchrun with every field as a flag and
+    ``--stop-after``, the one-process run's weights; a failed torchrun raises, naming the run."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = tiny_cfg(data_dir, tmp_path / "one", steps=6, eval_every=3)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"))
+    train.train(one, stop_after=4)
+    train.run_distributed(two, 2, stop_after=4)
+    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 4
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env: subprocess.CompletedProcess(cmd, 1))  # a rank failed
+    with pytest.raises(RuntimeError, match="torchrun on 2 processes failed.*two"):
+        train.run_distributed(two, 2)
 
 
 def test_document_bos_opens_every_document_and_keeps_the_stream():
