@@ -213,3 +213,25 @@ def dequantise(source: Path, dest: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     tokenizer.save_pretrained(str(dest))
     compat.make_portable(dest)
+
+
+def rounding_error(path: str | os.PathLike) -> dict[str, float]:
+    """Per quantisation type of a GGUF file (Q4_1, Q8_0), the RMS rounding error over the RMS weight, estimated
+    from the file's own block scales, since the original weights are not in it: a weight rounded to a grid of step
+    d is off by at most d/2, evenly spread, so by d / sqrt(12) in RMS (the model card's figure). Each block of 32
+    weights starts with its float16 step d."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, dequantize
+
+    kinds = (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+    error, weight = dict.fromkeys(kinds, 0.0), dict.fromkeys(kinds, 0.0)
+    for tensor in GGUFReader(str(path)).tensors:
+        kind = tensor.tensor_type
+        if kind == GGMLQuantizationType.F32:
+            continue
+        if kind not in kinds:
+            raise ValueError(f"{tensor.name} is {kind.name}: the estimate knows Q4_1 and Q8_0 blocks only")
+        block, size = GGML_QUANT_SIZES[kind]
+        steps = np.asarray(tensor.data).reshape(-1, size)[:, :2].copy().view(np.float16).astype(np.float64)
+        error[kind] += float((steps ** 2).sum()) / 12 * block
+        weight[kind] += float((dequantize(tensor.data, kind).astype(np.float64) ** 2).sum())
+    return {kind.name: (error[kind] / weight[kind]) ** 0.5 for kind in kinds if weight[kind]}
