@@ -135,6 +135,17 @@ def test_bounded_keeps_first_and_last_and_refuses_a_limit_below_one():
         widgets.bounded(range(10), 0)
 
 
+def test_layer_head_grid_covers_the_model_within_the_render_budget():
+    # SmolLM2-135M: every one of its 9 heads, layers from first to last plus the sink layer, at most 64 renders
+    layers, heads = widgets.layer_head_grid(30, 9, 8, 9, keep=(12,))
+    assert heads == list(range(9)) and layers[0] == 0 and layers[-1] == 29 and 12 in layers
+    assert len(layers) * len(heads) <= widgets.MAX_RENDERS and len(layers) >= 6
+    assert widgets.layer_head_grid(6, 8, 8, 8, keep=(2,)) == (list(range(6)), list(range(8)))  # sinkbook-tiny: all
+    assert widgets.layer_head_grid(30, 9, 3, 4) == ([0, 14, 29], [0, 3, 5, 8])
+    with pytest.raises(ValueError, match="exceed MAX_RENDERS"):
+        widgets.layer_head_grid(100, 64, 8, 64, keep=(1, 2))
+
+
 # --- the book runner -----------------------------------------------------------------------------------------
 
 def test_a_stalled_cell_is_interrupted_retried_once_then_named(tmp_path):
