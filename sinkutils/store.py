@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from sinkutils import attention
+from sinkutils import attention, models
 
 PACKAGE = Path(__file__).parent
 
@@ -51,9 +51,14 @@ def weights_digest(model) -> str:
     if cached is not None and cached[0] == versions:
         return cached[1]
     digest = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for prefix, module in model.named_modules():
+        own = lambda: [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]  # noqa: E731
+        if not own():
+            continue
+        with models.materialized(module):  # a spread model's offloaded weights are meta placeholders until read
+            for name, t in own():
+                digest.update(f"{prefix}.{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     model.__dict__["_sinkbook_digest"] = (versions, digest.hexdigest())
     return digest.hexdigest()
 

@@ -186,3 +186,17 @@ def test_gpu_70b_profile_spreads_every_chapters_model():
     assert preflight.needs("gpu-70b", book.chapters()) == (["meta-llama/Llama-2-70b-hf"], True)
     settings = scoreboard.profile_columns("gpu-70b")["llama-2-70b"]
     assert settings.device_map == "auto" and settings.max_memory is None
+
+
+def test_the_store_knows_a_spread_model_by_its_weights(pair, tmp_path, monkeypatch):
+    """The build's store (``SINKBOOK_STORE``) keys a measurement by a digest of the weights: a spread model's
+    offloaded weights are read from disk for it, so it is the whole model's digest, and the whole model's stored
+    survey serves the spread one."""
+    from sinkutils import store
+
+    whole, spread, ids = pair
+    assert store.weights_digest(spread) == store.weights_digest(whole)
+    monkeypatch.setenv("SINKBOOK_STORE", str(tmp_path))
+    few = ids[:2]
+    assert_same(measure.survey(whole, few), measure.survey(spread, few), "survey")
+    assert len(list(tmp_path.iterdir())) == 1  # measured once, on the whole model
