@@ -34,13 +34,13 @@ def bounded(values: list, limit: int) -> list:
     return [values[round(i * step)] for i in range(limit)]
 
 
-def layer_head_grid(n_layers: int, n_heads: int, max_layers: int, max_heads: int,
-                    keep: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
+def layer_head_grid(n_layers: int, n_heads: int, max_layers: int, max_heads: int, keep: tuple[int, ...] = (),
+                    keep_heads: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
     """(layers, heads) for a layer x head ``switcher``: at most ``max_heads`` heads and ``max_layers`` layers, each
-    spread evenly over the model (first and last kept, ``bounded``), plus the layers in ``keep`` (the one a chapter
-    shows first), with fewer spread layers where the grid would exceed ``MAX_RENDERS`` (SmolLM2-135M: all 9 heads,
-    7 of its 30 layers)."""
-    heads = bounded(range(n_heads), min(max_heads, MAX_RENDERS))
+    spread evenly over the model (first and last kept, ``bounded``), plus the layers in ``keep`` and the heads in
+    ``keep_heads`` (the map a chapter shows first), with fewer spread layers where the grid would exceed
+    ``MAX_RENDERS`` (SmolLM2-135M: all 9 heads, 6 of its 30 layers with the sink layer)."""
+    heads = sorted(set(bounded(range(n_heads), min(max_heads, MAX_RENDERS))) | set(keep_heads))
     kept = set(keep)
     for n in range(max(1, max_layers), 0, -1):
         layers = sorted(set(bounded(range(n_layers), n)) | kept)

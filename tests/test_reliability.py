@@ -142,6 +142,8 @@ def test_layer_head_grid_covers_the_model_within_the_render_budget():
     assert len(layers) * len(heads) <= widgets.MAX_RENDERS and len(layers) >= 6
     assert widgets.layer_head_grid(6, 8, 8, 8, keep=(2,)) == (list(range(6)), list(range(8)))  # sinkbook-tiny: all
     assert widgets.layer_head_grid(30, 9, 3, 4) == ([0, 14, 29], [0, 3, 5, 8])
+    layers, heads = widgets.layer_head_grid(32, 32, 8, 8, keep=(2,), keep_heads=(1,))  # Llama-2-7B, shown first
+    assert 2 in layers and 1 in heads and len(heads) == 9 and len(layers) * 9 <= widgets.MAX_RENDERS
     with pytest.raises(ValueError, match="exceed MAX_RENDERS"):
         widgets.layer_head_grid(100, 64, 8, 64, keep=(1, 2))
 
