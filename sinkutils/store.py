@@ -39,8 +39,9 @@ def code_version() -> str:
 
 
 def _versions(model) -> tuple:
-    """Identity and in-place version of every tensor of ``model``: changes whenever a weight is edited or swapped."""
-    return tuple((id(t), t._version) for t in [*model.parameters(), *model.buffers()])
+    """Identity and in-place version of every tensor of ``model``: changes whenever a weight is edited or swapped.
+    A spread model's offloaded weights are left out: accelerate swaps their meta placeholders at every pass."""
+    return tuple((id(t), t._version) for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
 
 
 def weights_digest(model) -> str:

@@ -200,3 +200,6 @@ def test_the_store_knows_a_spread_model_by_its_weights(pair, tmp_path, monkeypat
     few = ids[:2]
     assert_same(measure.survey(whole, few), measure.survey(spread, few), "survey")
     assert len(list(tmp_path.iterdir())) == 1  # measured once, on the whole model
+    monkeypatch.delenv("SINKBOOK_STORE")
+    assert measure.survey(spread, ids[1:3]) is measure.survey(spread, ids[1:3])  # kept in the process, though every
+    # pass swaps the offloaded layers' meta placeholders
