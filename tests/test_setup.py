@@ -198,3 +198,21 @@ def test_run_sh_test_says_before_the_run_what_it_cannot_install_will_skip_and_ho
     assert "tests/test_site.py, tests/test_browser_page.py) will be skipped" in lines[0]
     assert "(tests/test_grader.py) will be skipped" in lines[1]
     assert lines[2] == "run.sh: to run them too: sudo apt-get install chromium bubblewrap"
+
+
+def test_the_summary_counts_skips_for_want_of_chromium_or_bubblewrap_apart_from_cuda(tmp_path):
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.skipif(True, reason='needs chromium: not installed')\ndef test_page(): pass\n\n"
+        "@pytest.mark.parametrize('attack', range(3))\n"
+        "def test_sandbox(attack): pytest.skip('needs bubblewrap: no sandbox here')\n\n"
+        "def test_llama(): pytest.skip('needs CUDA')\n\n"
+        "def test_other(): pytest.skip('the embedded model is not built')\n\n"
+        "def test_fine(): pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    line = next(s for s in done.stdout.splitlines() if s.startswith("skipped for want of"))
+    assert line.startswith("skipped for want of chromium/bubblewrap: 4 (chromium 1, bubblewrap 3); need CUDA: 1; "
+                           "other skips: 1")
+    assert "1 passed, 6 skipped" in done.stdout
