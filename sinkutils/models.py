@@ -227,7 +227,26 @@ def load(name_or_dir: str | os.PathLike = DEFAULT, device: str | None = None, dt
         hf_logging.set_verbosity(verbosity)
     check_architecture(model)
     variants.attach(model, source)
-    return (model if placement else model.to(device)).eval(), tokenizer
+    model = (model if placement else model.to(device)).eval()
+    _remember_source(model, source, local, dtype)
+    return model, tokenizer
+
+
+def weight_versions(model) -> tuple:
+    """Identity and in-place version of every tensor of ``model``: changes whenever a weight is edited or swapped.
+    A spread model's offloaded weights are left out: accelerate swaps their meta placeholders at every pass."""
+    return tuple((id(t), t._version) for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
+
+
+def _remember_source(model, source: str, local: bool, dtype) -> None:
+    """What identifies the loaded weights without reading them (``store``'s key; hashing a 7B model's bytes takes
+    a minute): a checked folder's SHA256SUMS or a hub snapshot's commit, with the dtype, kept beside the weights'
+    versions at load, so an edit after loading falls back to hashing the bytes."""
+    sums = Path(source) / CHECKSUMS
+    commit = getattr(model.config, "_commit_hash", None)
+    name = (sums.read_text() if local and sums.exists() else f"{source}@{commit}" if not local and commit else None)
+    if name is not None:
+        model.__dict__["_sinkbook_source"] = (f"{name}|{dtype}", weight_versions(model))
 
 
 def _check_placement(device, device_map, max_memory, offload_folder) -> dict:

@@ -10,7 +10,9 @@ never read: change any of them and the key changes. Two levels:
   and the scoreboard read what an earlier one stored. Entries are safetensors (tensors) beside JSON (the rest),
   never pickles.
 
-Nothing is reused while an intervention is open (``attention.editing``): its passes must run.
+Nothing is reused while an intervention is open (``attention.editing``): its passes must run. Weights are followed
+by PyTorch's version counters, which every in-place edit bumps (``mul_``, ``copy_``, ``load_state_dict``) except one
+made through ``.data``, which bypasses them: after such an edit call ``forget(model)``.
 """
 from __future__ import annotations
 
@@ -38,16 +40,14 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _versions(model) -> tuple:
-    """Identity and in-place version of every tensor of ``model``: changes whenever a weight is edited or swapped.
-    A spread model's offloaded weights are left out: accelerate swaps their meta placeholders at every pass."""
-    return tuple((id(t), t._version) for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
-
-
 def weights_digest(model) -> str:
     """SHA-256 of every parameter and buffer of ``model`` (names, shapes, dtypes and bytes), computed once per state
-    of the weights (``_versions``)."""
-    versions = _versions(model)
+    of the weights (``models.weight_versions``); for weights as ``models.load`` left them, of what identifies them
+    (their folder's checksums or the hub commit) instead of their bytes."""
+    versions = models.weight_versions(model)
+    source = model.__dict__.get("_sinkbook_source")
+    if source is not None and source[1] == versions:
+        return hashlib.sha256(source[0].encode()).hexdigest()
     cached = model.__dict__.get("_sinkbook_digest")
     if cached is not None and cached[0] == versions:
         return cached[1]
@@ -62,6 +62,13 @@ def weights_digest(model) -> str:
                 digest.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     model.__dict__["_sinkbook_digest"] = (versions, digest.hexdigest())
     return digest.hexdigest()
+
+
+def forget(model) -> None:
+    """Drop what the process keeps for ``model`` (its measurements and its weights' digest): for an edit of its
+    weights that PyTorch's version counters cannot see (through ``.data``)."""
+    for name in ("_sinkbook_memo", "_sinkbook_digest", "_sinkbook_source"):
+        model.__dict__.pop(name, None)
 
 
 def ids_digest(ids: torch.Tensor) -> str:
@@ -81,7 +88,7 @@ def cached(kind: str, model, ids: torch.Tensor, params: dict, compute: Callable[
     if attention.editing():
         return compute()
     memo = model.__dict__.setdefault("_sinkbook_memo", {})
-    local = (kind, ids_digest(ids), json.dumps(params, sort_keys=True), _versions(model))
+    local = (kind, ids_digest(ids), json.dumps(params, sort_keys=True), models.weight_versions(model))
     if local in memo:
         return memo[local]
     where = folder()

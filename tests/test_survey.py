@@ -123,3 +123,17 @@ def tiny_llama():
 
     model = tiny("llama")
     return model, torch.randint(3, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_loaded_model_is_keyed_by_its_checksums_until_a_weight_is_edited():
+    model, _ = models.load("sinkbook-tiny")
+    again, _ = models.load("sinkbook-tiny")
+    key = store.weights_digest(model)
+    assert key == store.weights_digest(again)  # the same files: the same key, without reading 2 MB of weights twice
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    edited = store.weights_digest(model)
+    assert edited != key
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] -= 1.0  # the loaded bytes again, yet edited since: hashed
+    assert store.weights_digest(model) not in (key, edited)
