@@ -65,24 +65,42 @@ def measure(columns: dict[str, Settings], variants: Settings | None = Settings()
 
 
 def columns(profile: str = "cpu", overrides: dict | None = None, root: Path = project.ROOT) -> dict[str, Settings]:
-    """The scoreboard's columns for a build under ``profile``: the embedded default model (on the cpu profile's
-    text), then every model the profile ran."""
-    return {models.DEFAULT: Settings()} | {n: s for n, s in profile_columns(profile, overrides, root).items()
-                                           if n != models.DEFAULT}
+    """The scoreboard's columns for a build under ``profile``: the embedded default model (on its chapters'
+    settings where the profile runs it, else on the cpu profile's defaults), then every model the profile ran."""
+    return {models.DEFAULT: Settings()} | profile_columns(profile, overrides, root)
+
+
+def ran_with(profile: str, chapter: str, overrides: dict | None = None, root: Path = project.ROOT) -> dict:
+    """The parameters ``chapter`` runs with under ``profile``: its ``parameters`` cell's defaults, then the
+    profile's values, then the ``overrides`` it declares (``book.execute`` injects no others)."""
+    import ast
+
+    import papermill
+
+    declared = papermill.inspect_notebook(str(root / "chapters" / f"{chapter}.ipynb"))
+    defaults = {}
+    for name, spec in declared.items():
+        try:
+            defaults[name] = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):  # an expression, not a literal: the profile must set it to matter here
+            pass
+    return defaults | project.parameters(profile, chapter, root) | {k: v for k, v in (overrides or {}).items()
+                                                                      if k in declared}
 
 
 def profile_columns(profile: str, overrides: dict | None = None, root: Path = project.ROOT) -> dict[str, Settings]:
-    """The models a profile runs (every chapter's ``model_name`` and ``compare_models``), each with the profile's
-    text settings (the smallest ``n_texts`` and ``batch_size`` of its chapters): the scoreboard's columns beyond
-    the embedded default model."""
-    params = [project.parameters(profile, ch, root) | (overrides or {}) for ch in project.chapters(root)]
-    names = dict.fromkeys(n for p in params for n in [p.get("model_name"), *(p.get("compare_models") or [])] if n)
-    first = params[0]
-    s = Settings(text_source=first.get("text_source", Settings.text_source),
-                 n_texts=min(p.get("n_texts", Settings.n_texts) for p in params), seq_len=first.get("seq_len", 128),
-                 seed=first.get("seed", 0), batch_size=min(p.get("batch_size", 8) for p in params),
-                 device_map=first.get("device_map"), max_memory=first.get("max_memory"))
-    return {name: s for name in names}
+    """The models a profile runs (every chapter's ``model_name`` and ``compare_models``), each on the settings of
+    the chapters that run it (their text, rows and batch size: where they differ, the most common, the earliest
+    on a tie): the scoreboard then measures a model on the very token ids and batch size its chapters measured and
+    reads what they stored (``store``, ``SINKBOOK_STORE``) instead of measuring again."""
+    runs: dict[str, list[Settings]] = {}
+    for chapter in project.chapters(root):
+        p = ran_with(profile, chapter, overrides, root)
+        s = Settings(**{f.name: p.get(f.name, f.default) for f in dataclasses.fields(Settings)})
+        for name in [p.get("model_name"), *(p.get("compare_models") or [])]:
+            if name:
+                runs.setdefault(name, []).append(s)
+    return {name: max(ran, key=lambda s: (ran.count(s), -ran.index(s))) for name, ran in runs.items()}
 
 
 # --- links to the chapter sections ----------------------------------------------------------------------------

@@ -114,3 +114,25 @@ def test_callout_shows_verdict_claim_paper_and_this_model():
     assert repr(box) == f"{held.line()}\n{untestable.line()}"  # the text a terminal shows
     with pytest.raises(ValueError, match="at least one"):
         scoreboard.callout()
+
+
+def test_each_model_is_measured_on_the_settings_of_the_chapters_that_run_it():
+    """The scoreboard's column of a model uses the very rows and batch size its chapters used, so it reads what they
+    stored (``store``) instead of measuring again: on the cpu profile SmolLM2-135M with chapters 1-5's settings, the
+    embedded default with chapter 6's."""
+    cols = scoreboard.columns("cpu")
+    assert list(cols) == [models.DEFAULT, "smollm2-135m"]
+    for chapter in project.chapters():
+        ran = scoreboard.ran_with("cpu", chapter)
+        s = cols[ran["model_name"]]
+        assert (ran["text_source"], ran["n_texts"], ran["seq_len"], ran["seed"], ran["batch_size"]) == (
+            s.text_source, s.n_texts, s.seq_len, s.seed, s.batch_size), chapter
+    assert cols["smollm2-135m"] == scoreboard.Settings(n_texts=16, batch_size=8)
+    # the chapter's own default counts where the profile sets nothing; --param overrides only what a chapter declares
+    assert scoreboard.ran_with("cpu", "02_variance", {"batch_size": 4, "no_such": 1})["batch_size"] == 4
+    assert "no_such" not in scoreboard.ran_with("cpu", "02_variance", {"no_such": 1})
+    # chapters that disagree: the settings most of them share, the earliest on a tie (gpu: chapters 3 and 6 at
+    # 32 x batch 2, chapters 4 and 5 at 32 x batch 4, chapters 1 and 2 alone)
+    gpu = scoreboard.profile_columns("gpu")
+    assert (gpu["llama-2-7b"].n_texts, gpu["llama-2-7b"].batch_size) == (32, 2)
+    assert (gpu["llama-3-8b"].n_texts, gpu["llama-3-8b"].batch_size) == (32, 4)  # compare_models of chapters 4, 5
