@@ -304,12 +304,32 @@ def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied
         runs = [(i, layer, j, lam, mode) for i, layer in enumerate(applied) for j, lam in enumerate(lambdas)
                 for mode in interventions.INTERVENTIONS if lam != 1.0 and not (mode == "norm" and lam < 1)]
         for i, layer, j, lam, mode in _progress(runs, "lambda sweep", quiet=not progress):
-            with interventions.INTERVENTIONS[mode](model, k, lam, layer):
-                curves[mode][i, j] = attention_to(model, ids, k, batch_size, progress=False).mean(-1)
+            curves[mode][i, j] = _edited_attention(model, ids, k, lam, layer, mode, batch_size)
         return LambdaSweep(k=k, lambdas=lambdas, applied=list(applied), curves=curves, baseline=base)
 
     return store.cached("lambda_sweep", model, ids, dict(k=k, lambdas=lambdas, applied=applied,
                                                           batch_size=batch_size), measured)
+
+@dataclasses.dataclass
+class EditedAttention:
+    """One run of a lambda sweep: (layers,) attention to ``k``, mean over heads, under one edit."""
+
+    attention: torch.Tensor
+
+
+def _edited_attention(model, ids, k, lam, layer, mode, batch_size) -> torch.Tensor:
+    """Attention to ``k`` per layer with token k's attention output at ``layer`` edited by ``mode`` at ``lam``, kept
+    by ``store`` run by run: sweeps that share a run (chapter 3's figure and the claim's lambda = 16 at the chain's
+    layer) measure it once."""
+    from sinkutils import store
+
+    def run() -> EditedAttention:
+        with interventions.INTERVENTIONS[mode](model, k, lam, layer):
+            return EditedAttention(attention_to(model, ids, k, batch_size, progress=False).mean(-1))
+
+    return store.cached("lambda_run", model, ids, dict(k=k, lam=lam, layer=layer, mode=mode, batch_size=batch_size),
+                        run).attention
+
 
 # --- one recorded pass: everything chapters 1-5 read -----------------------------------------------------
 

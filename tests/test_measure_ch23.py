@@ -149,6 +149,24 @@ def test_lambda_sweep_layout_and_causality():
         measure.lambda_sweep(model, ids, 16, [2.0], applied=[0])
 
 
+def test_sweeps_share_their_runs(monkeypatch):
+    """A run (layer, lambda, mode) two sweeps share is measured once: chapter 3's figure sweep and the claim's
+    lambda = 16 at the chain's layer cost no second pass."""
+    model, ids = tiny("llama"), ids_for(seed=3)
+    edited, real = [], measure.attention_to
+    monkeypatch.setattr(measure, "attention_to", lambda *a, **kw: edited.append(a[2]) or real(*a, **kw))
+    wide = measure.lambda_sweep(model, ids, 4, [0.0, 1.0, 3.0], applied=[0, 1], progress=False)
+    assert edited == [4] * 6  # 2 layers x (amplify at 0 and 3, the control at 3); lambda = 1 is the baseline
+    narrow = measure.lambda_sweep(model, ids, 4, [1.0, 3.0], applied=[1], progress=False)
+    assert len(edited) == 6
+    for mode in ("amplify", "norm"):
+        torch.testing.assert_close(narrow.curves[mode][0, 1], wide.curves[mode][1, 2])
+    with torch.no_grad():  # an edited weight is another model: its runs are measured again
+        model.model.layers[0].self_attn.o_proj.weight.mul_(1.01)
+    measure.lambda_sweep(model, ids, 4, [1.0, 3.0], applied=[1], progress=False)
+    assert len(edited) == 8
+
+
 # --- the embedded default model: every chapter claim has the paper's direction ------------------------------
 
 EMBEDDED = models.CHECKPOINTS / models.EMBEDDED[models.DEFAULT] / "config.json"
