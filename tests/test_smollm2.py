@@ -38,3 +38,40 @@ def test_the_chain_runs_through_layer_11_on_smollm2():
     assert found["sink_is_structural"].measured["verdict"] == "structural"
     _, tokenizer, _ = smollm2()
     assert tokenizer("attention sink")["input_ids"][0] != tokenizer.bos_token_id  # its tokenizer adds no BOS
+
+
+def test_the_readme_states_smollm2s_chain_as_measured():
+    from pathlib import Path
+
+    from sinkutils import models, structure
+
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    found = smollm2_claims()
+    m = {key: c.measured for key, c in found.items()}
+    agree = sum(c.holds is True for c in found.values())
+    v, n, d = m["variance_discrepancy"], m["super_neurons_exist"], m["down_column_heavy_tailed"]
+    sink = m["sink_from_some_layer_on"]["attention_to_first"][m["sink_from_some_layer_on"]["sink_layer"]:]
+    mask, sweep, lock = m["mask_moves_sink"], m["variance_draws_attention"], m["rmsnorm_locks_direction"]
+    model, _, ids = smollm2()
+    qk = structure.qk_locking(model, ids, layers=list(range(lock["layer"], models.n_layers(model))))  # the claim's
+    saturated, heads = int((qk.positivity == 1).sum()), qk.positivity.numel()
+    assert heads == m["qk_locking"]["heads"]
+    for text in [f"{agree} of {len(found)} claims agree",
+                 f"in layer {v['layer']} ({v['ratio']:.1f}x the later positions')",
+                 f"super neuron {n['super_neurons'][0]} of layer {n['layer']}'s FFN (robust z {n['largest_z']:.1f})",
+                 f"({d['top_channels'][0]} and {d['top_channels'][1]}, {d['top_share']:.0%} of its column)",
+                 f"hold {m['massive_dimensions_dominate']['share']:.0%} of token 0's squared norm",
+                 f"token 0's norm jumps {m['norm_spike_with_sink']['norm_ratio']:.0f}x entering layer "
+                 f"{m['norm_spike_with_sink']['norm_spike_layer']}",
+                 f"from layer {m['sink_from_some_layer_on']['sink_layer']} on every layer sinks "
+                 f"({min(sink):.2f}-{max(sink):.2f})",
+                 f"from {mask['before']:.3f} to {mask['after']:.3f}",
+                 f"in layer {sweep['layer']} (lambda {sweep['lambda']:g}) raises it {sweep['gain']:.1f}x while the "
+                 f"norm-only control gives {sweep['control_gain']:.2f}x",
+                 f"the sink keeps {m['sink_is_structural']['structural_share']:.0%}",
+                 f"(mean tau {m['wo_aligned']['mean_tau']:+.3f}; the outlier survives W_O anyway, "
+                 f"{m['outlier_survives_wo']['before']:.1f}x -> {m['outlier_survives_wo']['after']:.1f}x)",
+                 f"(cosine {lock['other']:.2f};",
+                 f"({saturated} of {heads} heads give token 0 a positive logit from every query), so its Kendall tau "
+                 f"({m['qk_locking']['tau']:+.2f})"]:
+        assert text in readme, text

@@ -17,6 +17,9 @@ def row(link: str) -> str:
 def test_the_cards_table_is_what_the_claims_measure():
     m = {key: claim.measured for key, claim in smollm2_claims().items()}
     verdicts = {key: claim.verdict for key, claim in smollm2_claims().items()}
+    sink = m["sink_from_some_layer_on"]
+    after = sink["attention_to_first"][sink["sink_layer"]:]
+    assert f"{min(after):.2f}-{max(after):.2f} in every layer from {sink['sink_layer']} on" in row("the sink starts")
     assert f"entering layer {m['norm_spike_with_sink']['norm_spike_layer']}, " \
            f"{m['norm_spike_with_sink']['norm_ratio']:.0f}x" in row("token 0's norm spikes")
     v = m["variance_discrepancy"]
