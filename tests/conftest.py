@@ -7,7 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Measure once per test session: the chapters' kernels (test_chapters) and this process share one store, so a
 # chapter's SmolLM2 survey serves tests/real_model.py's claims and the other way round (keys hold the weights, ids,
 # parameters and code: a hit is the same measurement). Quiet OpenMP threads while other processes run beside.
-os.environ.setdefault("SINKBOOK_STORE", __import__("tempfile").mkdtemp(prefix="sinkbook-test-store-"))
+if "SINKBOOK_STORE" not in os.environ:
+    os.environ["SINKBOOK_STORE"] = __import__("tempfile").mkdtemp(prefix="sinkbook-test-store-")
+    __import__("atexit").register(shutil.rmtree, os.environ["SINKBOOK_STORE"], True)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: skips the machine decides, by the start of their reason, and what to do about them. Chromium and bubblewrap
