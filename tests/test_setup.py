@@ -134,7 +134,7 @@ def test_every_declared_package_is_pinned_for_run_sh():
     assert not unpinned, f"declared in pyproject.toml but not pinned in requirements*.txt: {sorted(unpinned)}"
 
 
-ALLOWED = ("bash run.sh ", "PROFILE=gpu bash run.sh ", ".venv/bin/python ", ".venv/bin/hf ", "git ", "cd ")
+ALLOWED = ("bash run.sh ", ".venv/bin/python ", ".venv/bin/hf ", ".venv/bin/torchrun ", "git ", "cd ")
 
 
 def commands(doc: str) -> list[str]:
@@ -152,8 +152,13 @@ def test_readme_commands_work_as_typed():
     """Every command is a run.sh verb or goes through .venv's own executables (nothing assumes an activated
     venv), and each module or executable it names exists there."""
     for doc in ("README.md", "book/running.md"):
-        for cmd in commands(doc):
-            assert cmd.startswith(ALLOWED), f"{doc}: {cmd!r} does not work as typed on a fresh machine"
+        for typed in commands(doc):
+            settings = re.match(r"(?:[A-Z_]+=\S+ )*", typed).group(0)  # VAR=value ... before the command
+            cmd = typed[len(settings):]
+            assert cmd.startswith(ALLOWED), f"{doc}: {typed!r} does not work as typed on a fresh machine"
+            profile = re.search(r"\bPROFILE=(\S+)", settings)
+            if profile:
+                assert (ROOT / "profiles" / f"{profile.group(1)}.yml").exists(), f"{doc}: no profile {profile.group(1)}"
             module = re.match(r"\.venv/bin/python -m ([\w.]+)", cmd)
             if module:
                 assert importlib.util.find_spec(module.group(1)), f"{doc}: no module {module.group(1)}"
