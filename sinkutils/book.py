@@ -43,6 +43,9 @@ class CellTrouble(Exception):
 
 #: a cell whose kernel uses no CPU and sends nothing for this long is stalled (``--stall-timeout``)
 STALL_TIMEOUT = 180.0
+#: the largest resident memory (bytes) of the kernel and its children, sampled each second while a cell runs:
+#: ``"last"`` for the notebook executing now, then each chapter's by name (``execute``)
+PEAK_RSS: dict[str, int] = {}
 
 
 def _engine() -> str:
@@ -79,10 +82,13 @@ def _engine() -> str:
             return super().process_message(msg, cell, cell_index)
 
         def _kernel_cpu(self) -> float:
-            """CPU seconds of the kernel and its children so far (0 when the process is not visible)."""
+            """CPU seconds of the kernel and its children so far (0 when the process is not visible); notes their
+            resident memory in ``PEAK_RSS`` (the budget of issue 24: under 3 GB a chapter)."""
             try:
                 proc = psutil.Process(self.km.provisioner.pid)
-                return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+                family = [proc, *proc.children(recursive=True)]
+                PEAK_RSS["last"] = max(PEAK_RSS.get("last", 0), sum(p.memory_info().rss for p in family))
+                return sum(sum(p.cpu_times()[:2]) for p in family)
             except (AttributeError, TypeError, psutil.Error):
                 return 0.0
 
@@ -164,6 +170,7 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
     declared = papermill.inspect_notebook(str(source))  # an override the chapter lacks is simply not passed
     overrides = {k: v for k, v in (overrides or {}).items() if k in declared}
     start = time.time()
+    PEAK_RSS["last"] = 0
     # progress bars help someone waiting at a live kernel; on the static page they would be dead widgets
     previous = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits this process's environment
@@ -192,6 +199,7 @@ def execute(chapter: str, profile: str, out_dir: Path, root: Path = ROOT, timeou
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = previous
+        PEAK_RSS[chapter if folder == "chapters" else f"{folder}/{chapter}"] = PEAK_RSS["last"]
     return time.time() - start
 
 
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    stall_timeout=args.stall_timeout)
         except ChapterFailed as err:
             raise SystemExit(str(err)) from None
-        tqdm.write(f"{key}: {timings[key]:.1f} s")
+        tqdm.write(f"{key}: {timings[key]:.1f} s, peak memory {PEAK_RSS.get(key, 0) / 2 ** 30:.2f} GiB")
     if not args.no_html:
         start = time.time()
         from sinkutils import scoreboard
