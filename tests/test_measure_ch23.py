@@ -174,8 +174,13 @@ needs_embedded = pytest.mark.skipif(not EMBEDDED.exists(),
                                     reason=f"the embedded default model is not built yet ({EMBEDDED} missing)")
 
 
+#: sinkbook-tiny's text: the cpu profile's before chapters 1-5 moved to SmolLM2 (32 rows; chapter 6 keeps them)
+TINY_TEXT = {"n_texts": 32}
+
+
 def chapter_parameters(chapter: str) -> dict:
-    """The chapter's parameters cell, then the cpu profile's overrides: what the book runs."""
+    """The chapter's parameters cell, then the cpu profile's overrides: what the book runs (the embedded-model tests
+    below take sinkbook-tiny's text, ``TINY_TEXT``, over it)."""
     nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     values: dict = {}
@@ -203,7 +208,7 @@ def chapter_batches(model, tokenizer, p: dict) -> tuple[torch.Tensor, torch.Tens
 def chapter2(embedded) -> dict:
     """Chapter 2's cpu-profile batches (real text, random tokens; both start with BOS) and its default layer."""
     model, tokenizer = embedded
-    p = chapter_parameters("02_variance")
+    p = chapter_parameters("02_variance") | TINY_TEXT
     text, random_tokens = chapter_batches(model, tokenizer, p)
     layer = p["layer"] if p["layer"] is not None else measure.sink_profile(model, text).variance_layer
     return {"model": model, "p": p, "layer": layer, "text": text, "random": random_tokens}
@@ -232,7 +237,7 @@ def test_embedded_ordinary_first_token_is_a_variance_outlier_in_layer_0(embedded
     """The positional half of chapter 2 holds once BOS is gone: with the text's own first token at position 0,
     token 0's layer-0 attention output is a variance outlier (the README's 5.6x)."""
     model, tokenizer = embedded
-    p = chapter_parameters("02_variance")
+    p = chapter_parameters("02_variance") | TINY_TEXT
     ids = chapter_batches(model, tokenizer, p)[0][:, 1:]
     holds(claims.variance_discrepancy(model, ids, layer=0, batch_size=p["batch_size"]))
 
@@ -241,7 +246,7 @@ def test_embedded_ordinary_first_token_is_a_variance_outlier_in_layer_0(embedded
 def chapter3(embedded) -> tuple:
     """(model, chapter 3's cpu-profile parameters, its text batch) as the chapter measures them."""
     model, tokenizer = embedded
-    p = chapter_parameters("03_interventions")
+    p = chapter_parameters("03_interventions") | TINY_TEXT
     return model, p, chapter_batches(model, tokenizer, p)[0]
 
 
