@@ -109,7 +109,11 @@ def cached(kind: str, model, ids: torch.Tensor, params: dict, compute: Callable[
 
 def save(value, path: Path) -> None:
     """Write a dataclass: its tensors (also inside dicts) to ``tensors.safetensors``, everything else to
-    ``fields.json``, then ``done`` (a half-written entry is never read)."""
+    ``fields.json``, then ``done``, in a private folder renamed to ``path`` at the end: a half-written entry is never
+    read, and of two processes storing the same entry at once (test workers, chapter kernels) one wins whole."""
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
 
     tensors, fields = {}, {"type": f"{type(value).__module__}.{type(value).__qualname__}"}
@@ -122,10 +126,15 @@ def save(value, path: Path) -> None:
             tensors |= {f"{f.name}/{i}": x for i, x in enumerate(v.values())}
         else:
             fields[f.name] = {"value": v}
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, path / "tensors.safetensors")
-    (path / "fields.json").write_text(json.dumps(fields))
-    (path / "done").write_text("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, private / "tensors.safetensors")
+    (private / "fields.json").write_text(json.dumps(fields))
+    (private / "done").write_text("")
+    try:
+        private.rename(path)
+    except OSError:  # stored meanwhile by another process (the same measurement): keep that one
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def load(path: Path):
