@@ -74,11 +74,21 @@ HOW_IT_WORKS = """\
 exercise's text; in the student edition its body is `raise NotImplementedError`, and you write it. The cell after
 it checks your function on small prepared inputs against the book's reference in `sinkutils`. A wrong result
 stops with a hint that names the mistake it sees (wrong axis, causal mask missing, ...); a stub says "not
-implemented yet". Once the check passes, the same cell runs your function on the embedded model `sinkbook-tiny`."""
+implemented yet". Once the check passes, the same cell runs your function on the model named in the parameters
+cell below."""
+#: the model each assignment's checks run the student's functions on once they pass: what a laptop runs in a few
+#: seconds and shows what the exercise is about (book/assignments.md says why). SmolLM2-135M where the exercise needs
+#: the paper's structural chain (its variance outlier, a sink the mask moves); sinkbook-tiny elsewhere (loaded in a
+#: fraction of a second; assignment 4's all-pairs Kendall tau over W_O is (576, 576, 576) on SmolLM2, 0.8 GB a tensor)
+MODELS = {"02_variance": "smollm2-135m", "03_interventions": "smollm2-135m"}
+DEFAULT_MODEL = "sinkbook-tiny"
+#: sequences the checks run on, where 8 are too few: the variance amplification at lambda = 16 raises attention to k
+#: 3.1x on SmolLM2's 16 rows of chapter 3, but on their first 8 alone it raises it less than the norm-only control
+N_TEXTS = {"03_interventions": 16}
 #: the parameters cell (papermill's ``parameters`` tag): what the functions run on once they pass
 PARAMETERS = """\
-model_name = "sinkbook-tiny"  # the model your functions run on once they pass (a local folder or hub name works too)
-n_texts = 8                   # sequences of text
+model_name = {model:17}# the model your functions run on once they pass (a local folder or hub name works too)
+n_texts = {n_texts:<20}# sequences of text
 seq_len = 128                 # tokens per sequence, BOS included
 seed = 0"""
 #: the imports every check cell may use, and the model and token batch they run the student's functions on
@@ -103,12 +113,15 @@ def setup_source() -> str:
     return next(c.source for c in nbformat.read(first, as_version=4).cells if c.cell_type == "code")
 
 
-def opening_cells() -> list[nbformat.NotebookNode]:
+def opening_cells(assignment: str | None = None) -> list[nbformat.NotebookNode]:
     """The cells every assignment has right after its title and introduction: how the exercises work, the Colab
-    set-up, the parameters, and the imports with the model the checks run on."""
+    set-up, the parameters (with the assignment's model, ``MODELS``), and the imports with the model the checks run
+    on."""
     new_md, new_code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    parameters = PARAMETERS.format(model=json.dumps(MODELS.get(assignment, DEFAULT_MODEL)),
+                                   n_texts=N_TEXTS.get(assignment, 8))
     cells = [new_md(HOW_IT_WORKS), new_code(setup_source()),
-             new_code(PARAMETERS, metadata={"tags": ["parameters"]}), new_code(LOAD)]
+             new_code(parameters, metadata={"tags": ["parameters"]}), new_code(LOAD)]
     for cell, cell_id in zip(cells, OPENING_IDS):
         cell.id = cell_id
     return cells
@@ -119,7 +132,7 @@ def with_opening(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     introduction), in place of any earlier copy of those cells (found by their ids)."""
     out = copy.deepcopy(nb)
     rest = [c for c in out.cells if c.get("id") not in OPENING_IDS]
-    out.cells = rest[:1] + opening_cells() + rest[1:]
+    out.cells = rest[:1] + opening_cells(out.metadata.get("sinkbook", {}).get("assignment")) + rest[1:]
     return out
 
 
@@ -362,11 +375,24 @@ def _as_root() -> bool:
     return os.geteuid() == 0
 
 
+def _model_cache() -> Path | None:
+    """The cache of dequantised models (``packaged.cache_root``) where it exists: bound read-only into the sandbox
+    and named by ``SINKBOOK_CACHE`` there, so that a submission of an assignment on SmolLM2 (``MODELS``) loads the
+    checked folder instead of rebuilding its 540 MB in the sandbox's 256 MB /tmp."""
+    from sinkutils.packaged import cache_root
+
+    root = cache_root().absolute()
+    readable = root.is_dir() and all(p.stat().st_mode & 0o004 for p in root.rglob("*") if p.is_file())
+    return root if readable or (root.is_dir() and not _as_root()) else None  # as root submissions run as nobody
+
+
 def _readonly_paths() -> list[Path]:
     """What the kernel needs besides the system: this Python, its environment and the sinkutils package."""
     import site
 
     wanted = [Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent]
+    if _model_cache() is not None:
+        wanted.append(_model_cache())
     user_site = Path(site.getusersitepackages())
     if str(user_site) in sys.path and user_site.is_dir():
         wanted.append(user_site)
@@ -452,7 +478,7 @@ def _runner_env(root: str) -> dict[str, str]:
     return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": f"{root}/home",
             "TMPDIR": f"{root}/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
             "MPLBACKEND": "agg", "TQDM_DISABLE": "1", "HF_HOME": f"{root}/home/hf", "HF_HUB_OFFLINE": "1",
-            "JUPYTER_PLATFORM_DIRS": "1"}
+            "JUPYTER_PLATFORM_DIRS": "1"} | ({"SINKBOOK_CACHE": str(_model_cache())} if _model_cache() else {})
 
 
 class _Drain(threading.Thread):

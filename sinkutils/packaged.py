@@ -105,6 +105,8 @@ def folder(name: str) -> Path:
         build = Path(tmp) / "model"
         dequantise(source, build)
         models.write_checksums(build)
+        for path in build.iterdir():  # safetensors writes 0600: readable by all, as a shared cache (the grader's
+            path.chmod(0o644)         # sandbox runs submissions as nobody)
         try:
             build.rename(target)
         except OSError:  # another process finished first: use its folder if it is whole

@@ -397,8 +397,12 @@ def test_every_source_opens_with_the_shared_cells():
     for path in assign.sources():
         cells = nbformat.read(path, as_version=4).cells
         assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# Assignment ")
-        assert cells[1:5] == opening, path.stem
+        assert cells[1:5] == assign.opening_cells(path.stem), path.stem
+        model = assign.MODELS.get(path.stem, assign.DEFAULT_MODEL)  # the model the assignment's checks run on
+        assert f'model_name = "{model}"' in cells[3].source and cells[3].metadata.tags == ["parameters"]
         assert not any(c.get("id") in assign.OPENING_IDS for c in cells[5:])
+    assert {assign.MODELS.get(p.stem, assign.DEFAULT_MODEL) for p in assign.sources()} == {"sinkbook-tiny",
+                                                                                          "smollm2-135m"}
 
 
 def test_with_opening_inserts_the_shared_cells_or_replaces_an_edited_copy():
@@ -456,3 +460,21 @@ def test_instructor_edition_executes_with_every_check_passing(name, tmp_path):
     outputs = _check_outputs(nbformat.read(tmp_path / f"{name}.ipynb", as_version=4))
     assert [out.splitlines()[0] for out in outputs] == [
         f"\u2714 {ex.name}: {exercises.run(ex.name, REFERENCES[ex.name]).message}" for ex in exercises.of_chapter(name)]
+
+
+def test_the_sandbox_reads_the_model_cache_it_can(tmp_path, monkeypatch):
+    """Assignments 2 and 3 run on SmolLM2: the grader binds the dequantised models' cache read-only into the sandbox
+    (its 256 MB /tmp cannot hold the 540 MB rebuild) and names it there, unless a grader running as root would run
+    the submission as nobody on files only root can read."""
+    cache = tmp_path / "cache"
+    (cache / "smollm2-135m-x").mkdir(parents=True)
+    weights = cache / "smollm2-135m-x" / "model.safetensors"
+    weights.write_bytes(b"w")
+    monkeypatch.setenv("SINKBOOK_CACHE", str(cache))
+    weights.chmod(0o644)
+    assert assign._model_cache() == cache and cache in assign._readonly_paths()
+    assert assign._runner_env("/tmp")["SINKBOOK_CACHE"] == str(cache)
+    weights.chmod(0o600)
+    assert assign._model_cache() == (None if assign._as_root() else cache)
+    monkeypatch.setenv("SINKBOOK_CACHE", str(tmp_path / "none"))
+    assert assign._model_cache() is None and "SINKBOOK_CACHE" not in assign._runner_env("/tmp")
