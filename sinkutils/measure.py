@@ -182,16 +182,36 @@ def position_variance(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Te
 # --- chapter 3: moving the sink (Fig 5, 6, 19, 20) --------------------------------------------------------
 
 @torch.no_grad()
-def attention_to(model, ids: torch.Tensor, key: int, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
-    """(layers, heads) mean attention that queries after position ``key`` give to it, over sequences.
+def attention_to(model, ids: torch.Tensor, key: int | tuple[int, ...], batch_size: int = 8,
+                 progress: bool = True) -> torch.Tensor:
+    """(layers, heads) mean attention that queries after position ``key`` give to it, over sequences; for a tuple
+    of keys (len(keys), layers, heads), from the same pass (chapter 3's BOS-moved probe reads two).
 
-    Linear in length (``trace`` 's ``attn.sink`` with ``sink_index=key``); works inside an intervention."""
-    if not 0 <= key < ids.shape[-1] - 1:
-        raise ValueError(f"key {key} needs later queries: choose 0..{ids.shape[-1] - 2} for sequences of "
-                         f"{ids.shape[-1]} tokens")
-    return mean_over_sequences(model, ids, ("attn.sink",),
-                               lambda rec: rec["attn.sink"][..., key + 1:].float().mean(-1).sum(1),  # (L, H)
-                               batch_size=batch_size, desc=f"attention to {key}", sink_index=key, progress=progress)
+    Linear in length (``attention.key_weights``: no (T x T) map); works inside an intervention."""
+    keys = (key,) if isinstance(key, int) else tuple(key)
+    T = check_ids(ids).shape[-1]
+    for j in keys:
+        if not 0 <= j < T - 1:
+            raise ValueError(f"key {j} needs later queries: choose 0..{T - 2} for sequences of {T} tokens")
+    index = {block.self_attn: l for l, block in enumerate(models.decoder_layers(model))}
+    total = torch.zeros(len(keys), len(index), model.config.num_attention_heads, dtype=torch.float64)
+
+    def received(module, query, key_states, value, mask, scaling):
+        weights, _ = attention.key_weights(module, query, key_states, mask, scaling, keys)
+        for i, j in enumerate(keys):
+            total[i, index[module]] += weights[i][..., j + 1:].float().mean(-1).sum(0).double().cpu()
+
+    previous = compat.set_attention(model, attention.ATTN_NAME)
+    n = 0
+    try:
+        with attention.tap(index, received):
+            for chunk in batches(ids, batch_size, f"attention to {key}", progress):
+                decoder(model)(input_ids=chunk.to(model.device))
+                n += chunk.shape[0]
+    finally:
+        compat.set_attention(model, previous)
+    mean = (total / n).float()
+    return mean[0] if isinstance(key, int) else mean
 
 
 @dataclasses.dataclass
@@ -500,8 +520,8 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
             for name, value in (("first_sq", h[:, 0].pow(2).sum(0)), ("later_sq", h[:, 1:].pow(2).mean(1).sum(0)),
                                 ("first_dominance", dom[:, 0].sum(0)), ("later_dominance", dom[:, 1:].mean(1).sum(0)),
                                 ("first_norm", norm[:, 0].sum(0)), ("later_norm", norm[:, 1:].mean(1).sum(0)),
-                                ("effective_rank", metrics.effective_rank(h).sum(0)),
-                                ("effective_rank_later", metrics.effective_rank(h[:, 1:]).sum(0))):
+                                *zip(("effective_rank", "effective_rank_later"),
+                                     (r.sum(0) for r in metrics.effective_ranks_with_and_without_first(h)))):
                 add(name, depth, value)
         return hook
 

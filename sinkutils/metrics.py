@@ -1,9 +1,24 @@
 """Every number the book reports about the paper's claims, each formula once."""
 from __future__ import annotations
 
+import contextlib
 import numbers
+from typing import Iterator
 
 import torch
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one CPU thread. For small reductions a second thread only costs: under
+    OMP_WAIT_POLICY=PASSIVE (run.sh's setting) every parallel region wakes a sleeping thread, and MKL's batched
+    eigvalsh of (8, 128, 128) took 0.31 s on 2 threads against 0.018 s on one (benchmarks/measure_once.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_min_query(min_query: int, length: int) -> int:
@@ -46,10 +61,28 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 2:
         raise ValueError(f"effective_rank needs a matrix (..., tokens, dim), got shape {tuple(x.shape)}")
     x = x.double()
-    gram = x @ x.transpose(-1, -2) if x.shape[-2] <= x.shape[-1] else x.transpose(-1, -2) @ x
-    # singular values from the smaller Gram matrix: several times faster than an SVD, and exact to ~1e-8 of
-    # the largest singular value, far below what moves the entropy
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    return _effective_rank_of_gram(x @ x.transpose(-1, -2) if x.shape[-2] <= x.shape[-1] else x.transpose(-1, -2) @ x)
+
+
+def effective_ranks_with_and_without_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``effective_rank`` of (..., tokens, dim) and of the same without its first token (Fig 21's two curves), from
+    one Gram matrix: without token 0 the tokens' Gram loses its first row and column, the dimensions' Gram the outer
+    product x_0 x_0^T."""
+    x = x.double()
+    if x.shape[-2] <= x.shape[-1]:
+        gram = x @ x.transpose(-1, -2)
+        later = gram[..., 1:, 1:]
+    else:  # the zero singular values the wider Gram adds leave the entropy as it is
+        gram = x.transpose(-1, -2) @ x
+        later = gram - x[..., 0, :, None] * x[..., 0, None, :]
+    return _effective_rank_of_gram(gram), _effective_rank_of_gram(later)
+
+
+def _effective_rank_of_gram(gram: torch.Tensor) -> torch.Tensor:
+    # singular values from the smaller Gram matrix: several times faster than an SVD, and exact to ~1e-8 of the
+    # largest singular value, far below what moves the entropy
+    with one_thread():
+        s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     return entropy(s / s.sum(-1, keepdim=True).clamp_min(1e-300)).exp().to(torch.float32)
 
 

@@ -81,8 +81,9 @@ def bos_moved(ids: torch.Tensor, k: int) -> torch.Tensor:
 def sink_origin(model, ids: torch.Tensor, k: int = 10, batch_size: int = 8, progress: bool = True) -> SinkOrigin:
     """Run the four probes on ``ids``, rows of BOS + text (``data.token_batch``); ``k`` as in the mask
     intervention (1..T-2). Attention to a key is ``measure.attention_to``'s: queries after it, mean over heads. The
-    usual input, BOS moved and the ordinary first token are ``measure.survey``s (the last one shared with chapter
-    5's direction lock), the mask probe is ``measure.mask_effect``'s; the whole is kept by ``store``."""
+    usual input and the ordinary first token are ``measure.survey``s (the latter shared with chapter 5's direction
+    lock), BOS moved is one pass for its two keys, the mask probe is ``measure.mask_effect``'s; the whole is kept by
+    ``store``."""
     bos = ids[:, 0]
     if ids.shape[0] == 0 or not bool((bos == bos[0]).all()) or bool((ids[:, 1:] == bos[0]).any()):
         raise ValueError("sink_origin needs rows that start with the BOS token and hold it nowhere else "
@@ -91,13 +92,12 @@ def sink_origin(model, ids: torch.Tensor, k: int = 10, batch_size: int = 8, prog
 
     def measured() -> SinkOrigin:
         usual = measure.survey(model, ids, k=k, batch_size=batch_size, progress=progress)
-        moved = measure.survey(model, bos_moved(ids, k), k=k, batch_size=batch_size, progress=progress)
+        moved = measure.attention_to(model, bos_moved(ids, k), (k, 0), batch_size, progress).mean(-1)
         to_first = usual.attention_to(0).mean(-1).float()
         per_layer = {"BOS at 0 (usual input)": to_first,
                      "ordinary token at 0": measure.survey(model, ids[:, 1:], batch_size=batch_size,
                                                            progress=progress).attention_to(0).mean(-1).float(),
-                     "BOS moved to k": moved.attention_to(k).mean(-1).float(),
-                     "token 0 when BOS is at k": moved.attention_to(0).mean(-1).float()}
+                     "BOS moved to k": moved[0], "token 0 when BOS is at k": moved[1]}
         with interventions.edit_head_output(model, 0, 0, torch.zeros_like):
             per_layer["token 0, its layer-0 attention output zeroed"] = measure.attention_to(
                 model, ids, 0, batch_size, progress).mean(-1)

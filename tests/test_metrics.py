@@ -122,3 +122,12 @@ def test_positivity_and_sink_summaries():
     torch.testing.assert_close(metrics.mean_sink(sink, min_query=4), torch.tensor([0.5, 0.0]))
     torch.testing.assert_close(metrics.sink_rate(sink, epsilon=0.3, min_query=4), torch.tensor([0.5, 0.0]))
     assert metrics.dimension_variance(torch.tensor([1., 3.])).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 9), (2, 9, 6), (7, 7)])
+def test_effective_ranks_with_and_without_first_equal_two_effective_ranks(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    x[..., 0, :] *= 30  # a massive first token, as in the models
+    full, later = metrics.effective_ranks_with_and_without_first(x)
+    torch.testing.assert_close(full, metrics.effective_rank(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(later, metrics.effective_rank(x[..., 1:, :]), rtol=1e-6, atol=0)
