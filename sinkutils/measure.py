@@ -476,7 +476,8 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
         add("predicted", l, torch.cat(predicted, -1).sum(0))
         add("sum_p2", l, torch.cat(p2, -1).sum(0))
         k0 = attention.expand_kv(key[:, :, 0].float(), H)  # (B, H, D): token 0's key, the same before and after RoPE
-        add("positivity", l, metrics.positivity_ratio((query.float() * k0[:, :, None]).sum(-1)[..., 1:]).sum(0))
+        logits = (query.float() @ k0[..., None])[..., 0]  # (B, H, T): q_t . k_0
+        add("positivity", l, metrics.positivity_ratio(logits[..., 1:]).sum(0))
         keep("sink_key", l, key[:, :, 0])
 
     def w_o(l: int):
@@ -484,10 +485,10 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
             x = args[0].float()  # (B, T, H*D): the per-head attention outputs W_O reads
             heads = x.unflatten(-1, (-1, blocks[l].self_attn.head_dim))
             add("head_var", l, metrics.dimension_variance(heads).transpose(1, 2).sum(0))
-            dev = (x - x.mean(-1, keepdim=True)).pow(2)
+            dev = (x - x.mean(-1, keepdim=True)).pow(2)  # each dimension's part of the variance over H*D
             add("wo_first", l, dev[:, 0].sum(0))
             add("wo_later", l, dev[:, min_query:].mean(1).sum(0))
-            add("wo_in", l, metrics.dimension_variance(x).sum(0))
+            add("wo_in", l, dev.mean(-1).sum(0))  # = metrics.dimension_variance(x)
             add("wo_out", l, metrics.dimension_variance(out.float()).sum(0))
         return hook
 
@@ -506,8 +507,9 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
     def ffn_activation(l: int):
         def hook(_m, args):
             act = args[0].float()  # (B, T, F): act(gate) * up, what down_proj reads
-            add("act_first", l, act[:, 0].abs().sum(0))
-            add("act_later", l, act[:, 1:].abs().mean(1).sum(0))
+            size = act.abs()
+            add("act_first", l, size[:, 0].sum(0))
+            add("act_later", l, size[:, 1:].mean(1).sum(0))
             for name, value in zip(("cos", "up", "act"), neuron_responses(blocks[l].mlp, inputs.pop(l), act,
                                                                          [followed[l]])):
                 keep(f"neuron_{name}", l, value[..., 0])
