@@ -65,6 +65,10 @@ torch_plan() {  # $1: the venv's python. Prints pip's arguments for torch; says 
   fi
 }
 
+install_key() {  # $1: the requirements file. What an installed .venv is stamped with: the pins it holds
+  echo "$1 $(cat requirements.txt "$1" requirements-models.txt pyproject.toml | cksum)"
+}
+
 setup() {  # $1: the requirements file (requirements.txt; requirements-gpu.txt for the gpu profile and the tests)
   local reqs=$1
   if [ ! -x "$VENV/bin/python" ]; then
@@ -75,7 +79,7 @@ setup() {  # $1: the requirements file (requirements.txt; requirements-gpu.txt f
   check_python "$py"
   # installed already (same pins, same package metadata): skip pip; delete the stamp to force a reinstall
   local stamp="$VENV/.sinkbook-installed" want
-  want="$reqs $(cat requirements.txt "$reqs" requirements-models.txt pyproject.toml | cksum)"
+  want=$(install_key "$reqs")
   if [ -f "$stamp" ] && grep -qxF "$want" "$stamp" && "$py" -c "import torch, sinkutils" 2>/dev/null; then
     return
   fi

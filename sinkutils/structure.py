@@ -94,6 +94,17 @@ def wo_alignment(model, ids: torch.Tensor, layers: list[int] | None = None, min_
     return result
 
 
+def wo_column_alignment(model, wo: WOAlignment) -> float:
+    """Fig 7 read by W_O's columns instead of its rows: Kendall's tau between each input dimension's column norm
+    ||W_O[:, j]|| (how much of dimension j reaches the residual stream at all) and token 0's profile c_j. Where the
+    row reading finds no alignment (SmolLM2-135M), this says whether W_O favours token 0's high-variance
+    dimensions as a whole."""
+    o_proj = models.decoder_layers(model)[wo.layer].self_attn.o_proj
+    with models.materialized(o_proj):
+        columns = o_proj.weight.detach().float().norm(dim=0).cpu()
+    return float(metrics.kendall_tau(columns, wo.first_profile.float().cpu()))
+
+
 @dataclasses.dataclass
 class FFNNorms:
     """Fig 8 for one layer: L2 norms of each hidden neuron's W_gate and W_up rows, and the super neurons."""
@@ -326,7 +337,7 @@ class DirectionLock:
 
 @torch.no_grad()
 def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_size: int = 8,
-                   distinct: bool = False) -> DirectionLock:
+                   distinct: bool = False, gain: bool = True) -> DirectionLock:
     """Per layer, the normalised input of attention (the trace's ``attn.in``, ``input_layernorm`` of the layer
     input) of token 0 and of the token at ``position`` (default: the middle), collected over sequences whose first
     tokens differ, and the mean pairwise cosine between them (1: the same direction whatever the input), for the
@@ -334,7 +345,9 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
     by the same rotation, which leaves their cosines as they are). Give sequences *without* BOS: with BOS token 0
     is the same token in the same (empty) context everywhere and the cosine is 1 trivially. With ``distinct`` only
     the rows whose first token is new count (``distinct_first_tokens``), read from the ``survey`` of all of ``ids``
-    (which chapter 3's ordinary-first-token probe shares)."""
+    (which chapter 3's ordinary-first-token probe shares). ``gain=False`` divides each layer's RMSNorm weight out of
+    the states first (x / rms(x) alone): a large weight on a channel every token shares makes any two tokens' states
+    alike, which is not the lock the paper means (SmolLM2-135M's comparison token, chapter 5)."""
     T = ids.shape[1]
     position = T // 2 if position is None else position
     if not 0 < position < T:
@@ -347,6 +360,10 @@ def direction_lock(model, ids: torch.Tensor, position: int | None = None, batch_
     out = {}
     for p, name in ((0, "state_first"), (position, "state_position")):
         x = found.rows[name][:, keep]  # (L, N, d) normalised inputs
+        if not gain:
+            with models.materialized(*(b.input_layernorm for b in blocks)):
+                weight = torch.stack([b.input_layernorm.weight.detach().float().cpu() for b in blocks])
+            x = x / weight[:, None]
         # k_proj runs where its layer lives (a spread model's hooks move x there); the keys come back beside x
         keys = torch.stack([blocks[l].self_attn.k_proj(x[l].to(blocks[l].self_attn.k_proj.weight.dtype)).to(x.device)
                             for l in range(len(blocks))])  # (L, N, Hkv*D)
@@ -394,6 +411,12 @@ class QKLocking:
     alignment: torch.Tensor   # (layers, H) |cos(sink key, top left-singular vector of W_Q's head block)|
     positivity: torch.Tensor  # (layers, H) fraction of queries t >= 1 with q_t . k_0 > 0
     sink: torch.Tensor        # (layers, H) mean attention to token 0 over queries t >= min_query
+
+    def saturated(self, from_layer: int = 0) -> tuple[int, int]:
+        """(heads whose every query t >= 1 gives token 0 a positive logit, heads) over layers >= ``from_layer``: a
+        rank correlation with positivity can only order the heads below 1."""
+        rows = [i for i, l in enumerate(self.layers) if l >= from_layer]
+        return int((self.positivity[rows] == 1).sum()), int(self.positivity[rows].numel())
 
     def correlation(self, from_layer: int = 0) -> float:
         """Kendall's tau between alignment and positivity over the heads of layers >= ``from_layer``."""

@@ -51,9 +51,9 @@ def installed_env_is_current() -> bool:
     stamp = Path(sys.prefix) / ".sinkbook-installed"
     if not stamp.exists():
         return False
-    want = subprocess.run(["bash", "-c", "cat requirements.txt requirements-gpu.txt pyproject.toml | cksum"],
+    want = subprocess.run(["bash", "-c", "source run.sh && install_key requirements-gpu.txt"],
                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    return f"requirements-gpu.txt {want}" in stamp.read_text().splitlines()
+    return want in stamp.read_text().splitlines()
 
 
 @pytest.fixture(scope="module")

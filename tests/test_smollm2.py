@@ -75,3 +75,22 @@ def test_the_readme_states_smollm2s_chain_as_measured():
                  f"({saturated} of {heads} heads give token 0 a positive logit from every query), so its Kendall tau "
                  f"({m['qk_locking']['tau']:+.2f})"]:
         assert text in readme, text
+
+
+def test_smollm2s_departures_are_explained_by_what_the_chapters_print():
+    """Chapters 4 and 5 explain each departure with these measurements: W_O read by its columns is not aligned either,
+    yet token 0 stays an outlier after it; without RMSNorm's weight the comparison token is not locked while token 0
+    still is; QK positivity is saturated in almost every head after the disparity."""
+    from sinkutils import structure
+
+    model, _, ids = smollm2()
+    m = {key: c.measured for key, c in smollm2_claims().items()}
+    layer = m["wo_aligned"]["layer"]
+    wo = structure.wo_alignment(model, ids, [layer])[layer]
+    assert abs(structure.wo_column_alignment(model, wo)) < 0.2 and wo.ratio("out") > 2
+    lock = m["rmsnorm_locks_direction"]
+    plain = structure.direction_lock(model, ids[:, 1:], distinct=True, gain=False)
+    assert plain.first_cos[lock["layer"]] > 0.9 and plain.position_cos[lock["layer"]] < lock["other"]
+    qk = structure.qk_locking(model, ids, layers=list(range(lock["layer"], 30)))
+    saturated, heads = qk.saturated()
+    assert heads == m["qk_locking"]["heads"] and saturated > 0.9 * heads

@@ -288,3 +288,25 @@ def test_llama3_8b_massive_dimensions():
     ref = structure.REFERENCE["llama-3-8b"]
     assert set(structure.massive_dimensions(model, ids, layer=ref["layer"], k=2)) <= set(ref["massive_dims"])
 
+
+
+def test_departure_diagnostics_on_a_tiny_llama():
+    """wo_column_alignment is Kendall's tau of W_O's column norms with token 0's profile; gain=False divides the RMSNorm
+    weight out of the states (a weight of 1 changes nothing); saturated counts heads whose positivity is exactly 1."""
+    from test_trace import tiny
+
+    model = tiny("llama")
+    ids = torch.randint(3, model.config.vocab_size, (6, 12), generator=torch.Generator().manual_seed(0))
+    wo = structure.wo_alignment(model, ids, [1], min_query=2, batch_size=3)[1]
+    columns = model.model.layers[1].self_attn.o_proj.weight.detach().norm(dim=0)
+    assert structure.wo_column_alignment(model, wo) == pytest.approx(float(metrics.kendall_tau(columns, wo.first_profile)))
+    with_gain = structure.direction_lock(model, ids, batch_size=3)
+    torch.testing.assert_close(structure.direction_lock(model, ids, batch_size=3, gain=False).first_cos, with_gain.first_cos)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(torch.linspace(0.5, 2.0, model.config.hidden_size))
+    changed = structure.direction_lock(model, ids, batch_size=3)
+    unscaled = structure.direction_lock(model, ids, batch_size=3, gain=False)
+    assert not torch.allclose(changed.first_cos[0], unscaled.first_cos[0])
+    qk = structure.QKLocking(layers=[0, 1], alignment=torch.zeros(2, 3), positivity=torch.tensor([[1.0, 0.5, 1.0],
+                             [1.0, 1.0, 0.9]]), sink=torch.zeros(2, 3))
+    assert qk.saturated() == (4, 6) and qk.saturated(from_layer=1) == (2, 3)
