@@ -30,6 +30,8 @@ def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
 
 def test_every_chapter_has_parameters_and_setup_cells():
     for chapter in project.chapters():
+        cells = json.loads((project.ROOT / "chapters" / f"{chapter}.ipynb").read_text())["cells"]
+        assert all("id" in c for c in cells), f"{chapter}: a cell without an id (nbformat warns on every read)"
         nb = nbformat.read(project.ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert "find_spec(\"sinkutils\")" in code[0].source, f"{chapter}: first code cell must be the Colab set-up"
