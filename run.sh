@@ -300,9 +300,10 @@ main() {
       shift
       setup requirements-gpu.txt  # the tests rehearse the gpu profile too (tests/test_gpu_rehearsal.py)
       test_packages
-      # three workers, a test file each at a time (pytest-xdist): much of the suite waits on kernels, sandboxes and
-      # subprocesses (one worker left 2 cores 62% idle); the store (tests/conftest.py) is shared by all of them
-      HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -n 3 --dist loadfile "$@"
+      # three workers, a test file each at a time (pytest-xdist; a test of minutes apart, tests/conftest.py): much of
+      # the suite waits on kernels, sandboxes and subprocesses (one worker left 2 cores 62% idle); the measurement
+      # store (tests/conftest.py) is shared by all of them
+      HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -n 3 --dist loadgroup "$@"
       ;;
     *)
       echo "usage: bash run.sh book [sinkutils.book arguments] | test [pytest arguments] | vendor" >&2

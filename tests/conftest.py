@@ -2,6 +2,8 @@ import os
 import shutil
 from collections import Counter
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Measure once per test session: the chapters' kernels (test_chapters) and this process share one store, so a
@@ -41,3 +43,13 @@ def pytest_terminal_summary(terminalreporter):
     if counts["bubblewrap"] and "bubblewrap" not in missing:
         line += ". bubblewrap is installed but cannot start a sandbox here: the skip's reason (-rs) says why"
     terminalreporter.write_line(line, yellow=bool(wanted))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """``bash run.sh test`` runs pytest-xdist workers with ``--dist loadgroup``: a test file's tests stay on one worker
+    (its module fixtures are built once), except the few that take minutes and name a group of their own, so they
+    run beside the rest of their file."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -129,6 +129,7 @@ def test_gpu_profile_runs_every_chapter_offline_from_the_hub_cache(checkout, hf_
     assert "budget: 4 steps for each of 4 variants" in text
 
 
+@pytest.mark.xdist_group("gpu-rehearsal-other-models")  # minutes: beside the llama rehearsal (conftest.py)
 @pytest.mark.parametrize("name", ["mistral-7b", "qwen2-7b"])
 def test_chapters_run_unchanged_on_mistral_and_qwen2(checkout, hf_home, name):
     chapters = [c for c in project.chapters() if c != "06_headwise"]  # chapter 6's model only draws Fig 13

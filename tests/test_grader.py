@@ -321,6 +321,7 @@ for _ in range(20):
 """
 
 
+@pytest.mark.xdist_group("grader-hostile")  # minutes: beside the rest of this file (conftest.py)
 def test_hostile_submissions_cost_only_their_own_rows(sandbox, tmp_path):
     subs, out_dir, instructor = tmp_path / "subs", tmp_path / "grades", tmp_path / "instructor"
     for folder in (subs, out_dir, instructor):
