@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sinkutils import attention, compat, interventions, metrics, models, trace
+from sinkutils import attention, compat, interventions, metrics, models, store, trace
 
 
 def check_ids(ids: torch.Tensor) -> torch.Tensor:
@@ -201,15 +201,7 @@ def attention_to(model, ids: torch.Tensor, key: int | tuple[int, ...], batch_siz
         for i, j in enumerate(keys):
             total[i, index[module]] += weights[i][..., j + 1:].float().mean(-1).sum(0).double().cpu()
 
-    previous = compat.set_attention(model, attention.ATTN_NAME)
-    n = 0
-    try:
-        with attention.tap(index, received):
-            for chunk in batches(ids, batch_size, f"attention to {key}", progress):
-                decoder(model)(input_ids=chunk.to(model.device))
-                n += chunk.shape[0]
-    finally:
-        compat.set_attention(model, previous)
+    n = tapped_passes(model, ids, index, received, batch_size, f"attention to {key}", progress)
     mean = (total / n).float()
     return mean[0] if isinstance(key, int) else mean
 
@@ -241,8 +233,6 @@ def mask_effect(model, ids: torch.Tensor, k: int, layers: list[int] | None = Non
     """Attention to ``k`` and to token 0 per layer (the ``survey``'s), then attention to ``k`` under
     ``interventions.block_aggregation(model, k, layers)`` (default: all layers): one pass of its own, kept by
     ``store``."""
-    from sinkutils import store
-
     k = interventions.check_position(k, ids.shape[-1], attended=True)
     n = models.n_layers(model)
     layers = sorted(set(models.check_layers(model, layers)))
@@ -308,8 +298,6 @@ def lambda_sweep(model, ids: torch.Tensor, k: int, lambdas: list[float], applied
     """Variance amplification and its norm-only control at position ``k``, one run per (layer, lambda, mode)
     (``interventions.amplify_variance`` / ``scale_norm``), against the ``survey``'s attention to ``k``; kept by
     ``store``. The control is defined for lambda >= 1 only."""
-    from sinkutils import store
-
     k = interventions.check_position(k, ids.shape[1], attended=True)
     lambdas = [interventions.check_lambda(lam) for lam in lambdas]
     n = models.n_layers(model)
@@ -341,8 +329,6 @@ def _edited_attention(model, ids, k, lam, layer, mode, batch_size) -> torch.Tens
     """Attention to ``k`` per layer with token k's attention output at ``layer`` edited by ``mode`` at ``lam``, kept
     by ``store`` run by run: sweeps that share a run (chapter 3's figure and the claim's lambda = 16 at the chain's
     layer) measure it once."""
-    from sinkutils import store
-
     def run() -> EditedAttention:
         with interventions.INTERVENTIONS[mode](model, k, lam, layer):
             return EditedAttention(attention_to(model, ids, k, batch_size, progress=False).mean(-1))
@@ -419,8 +405,6 @@ def survey(model, ids: torch.Tensor, k: int | None = None, min_query: int = 4, p
     key whose attention is recorded (chapter 3's mask position); ``position``: where ``rows`` keeps the normalised
     state besides token 0 (default: the middle, ``direction_lock``'s comparison token). ``k`` defaults to
     ``SURVEY_K`` (chapter 3's default), or T - 2 for shorter rows (token 0 itself for rows of 2)."""
-    from sinkutils import store
-
     T = check_ids(ids).shape[1]
     k = (min(SURVEY_K, T - 2) if T > 2 else 0) if k is None else interventions.check_position(k, T, attended=True)
     metrics.check_min_query(min_query, T)
@@ -534,17 +518,11 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
                   block.self_attn.register_forward_pre_hook(attention_input(l), with_kwargs=True),
                   block.mlp.register_forward_pre_hook(ffn_input(l), with_kwargs=True),
                   block.mlp.down_proj.register_forward_pre_hook(ffn_activation(l))]
-    previous = compat.set_attention(model, attention.ATTN_NAME)
-    n = 0
     try:
-        with attention.tap(index, from_attention):
-            for chunk in batches(ids, batch_size, "survey", progress):
-                decoder(model)(input_ids=chunk.to(model.device))
-                n += chunk.shape[0]
+        n = tapped_passes(model, ids, index, from_attention, batch_size, "survey", progress)
     finally:
         for h in hooks:
             h.remove()
-        compat.set_attention(model, previous)
     return Survey(n=n, length=ids.shape[1], k=k, min_query=min_query, position=position, followed=followed,
                   sums={name: torch.stack([v[i] for i in sorted(v)]) for name, v in sums.items()},
                   rows={name: torch.stack([torch.cat(v[i]) for i in sorted(v)]) for name, v in rows.items()})
@@ -560,6 +538,21 @@ def neuron_responses(mlp, x: torch.Tensor, act: torch.Tensor,
         gate, up = (w.weight[neurons].float().to(x.device) for w in (mlp.gate_proj, mlp.up_proj))
         bias = None if mlp.up_proj.bias is None else mlp.up_proj.bias[neurons].float().to(x.device)
     return metrics.cosine(x[..., None, :], gate), F.linear(x, up, bias), act[..., neurons].float()
+
+
+def tapped_passes(model, ids: torch.Tensor, modules, tap, batch_size: int, desc: str, progress: bool) -> int:
+    """Run ``model``'s decoder over ``ids`` in batches with the sinkbook attention selected and ``tap`` (an
+    ``attention.tap`` callable) on ``modules``; returns the number of sequences (what the sums are divided by)."""
+    previous = compat.set_attention(model, attention.ATTN_NAME)
+    n = 0
+    try:
+        with attention.tap(modules, tap):
+            for chunk in batches(ids, batch_size, desc, progress):
+                decoder(model)(input_ids=chunk.to(model.device))
+                n += chunk.shape[0]
+    finally:
+        compat.set_attention(model, previous)
+    return n
 
 
 def decoder(model):
