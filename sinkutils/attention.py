@@ -186,8 +186,15 @@ def key_weights(module, query, key, mask, scaling: float, keys: tuple[int, ...],
     weights = sigmoid_weights(query, key, mask, scaling)
     for j in keys:
         check_sink_index(j, weights.shape[-1])
-    ent = metrics.entropy(weights / weights.sum(-1, keepdim=True).clamp_min(_TINY)) if entropy else None
-    return torch.stack([weights[..., j] for j in keys]), ent
+    return torch.stack([weights[..., j] for j in keys]), pattern_entropy(module, weights) if entropy else None
+
+
+def pattern_entropy(module, pattern: torch.Tensor) -> torch.Tensor:
+    """The entropy of each row of a ``pattern_chunks`` map, as ``key_weights`` reports it: for ``sigmoid`` of the
+    row's weights normalised to sum 1 (0 for a row of zeros)."""
+    if variant_of(module) == "sigmoid":
+        pattern = pattern / pattern.sum(-1, keepdim=True).clamp_min(_TINY)
+    return metrics.entropy(pattern)
 
 
 def pattern_chunks(module, query, key, mask, scaling: float, chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:

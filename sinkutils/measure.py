@@ -445,20 +445,17 @@ def _survey(model, ids, k, min_query, position, batch_size, progress) -> Survey:
 
     def from_attention(module, query, key, value, mask, scaling):
         l = index[module]
-        (to_first, to_k), entropy = attention.key_weights(module, query, key, mask, scaling, (0, k), entropy=True)
-        add("sink", l, to_first.sum(0))
-        add("to_k", l, to_k.sum(0))
-        add("entropy", l, entropy.sum(0))
         H = query.shape[1]
         vvar = attention.expand_kv(metrics.dimension_variance(value), H)  # (B, H, S)
-        predicted, p2 = [], []
-        for _, p in attention.pattern_chunks(module, query, key, mask, scaling):
+        got: dict[str, list[torch.Tensor]] = {}  # per query chunk, joined along the queries below
+        for _, p in attention.pattern_chunks(module, query, key, mask, scaling):  # one map serves every statistic
             pred, s2 = aggregation_prediction(p, vvar)
-            predicted.append(pred)
-            p2.append(s2)
+            for name, stat in (("sink", p[..., 0]), ("to_k", p[..., k]), ("predicted", pred), ("sum_p2", s2),
+                               ("entropy", attention.pattern_entropy(module, p))):
+                got.setdefault(name, []).append(stat)
+        for name, chunks in got.items():
+            add(name, l, torch.cat(chunks, -1).sum(0))
         add("value_var", l, vvar.float().sum(0))
-        add("predicted", l, torch.cat(predicted, -1).sum(0))
-        add("sum_p2", l, torch.cat(p2, -1).sum(0))
         k0 = attention.expand_kv(key[:, :, 0].float(), H)  # (B, H, D): token 0's key, the same before and after RoPE
         logits = (query.float() @ k0[..., None])[..., 0]  # (B, H, T): q_t . k_0
         add("positivity", l, metrics.positivity_ratio(logits[..., 1:]).sum(0))

@@ -1,8 +1,11 @@
 """Every number the book reports about the paper's claims, each formula once."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import numbers
+import os
 from typing import Iterator
 
 import torch
@@ -81,9 +84,28 @@ def effective_ranks_with_and_without_first(x: torch.Tensor) -> tuple[torch.Tenso
 def _effective_rank_of_gram(gram: torch.Tensor) -> torch.Tensor:
     # singular values from the smaller Gram matrix: several times faster than an SVD, and exact to ~1e-8 of the
     # largest singular value, far below what moves the entropy
-    with one_thread():
-        s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    s = _eigvalsh(gram).clamp_min(0).sqrt()
     return entropy(s / s.sum(-1, keepdim=True).clamp_min(1e-300)).exp().to(torch.float32)
+
+
+def _eigvalsh(gram: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.eigvalsh`` of a batch, split over one Python thread per CPU thread, each running LAPACK on one
+    thread: a threaded eigvalsh is slower than one thread (``one_thread``), and in a forward hook the other core
+    would sit idle. Same values; (8, 128, 128) in 1.9 ms against 3.3 ms on one thread (2 cores)."""
+    threads = torch.get_num_threads()
+    parts = gram.reshape(-1, *gram.shape[-2:]).chunk(threads) if gram.dim() > 2 else (gram,)
+    with one_thread():
+        if len(parts) == 1:
+            return torch.linalg.eigvalsh(gram)
+        return torch.cat(list(_pool(len(parts)).map(torch.linalg.eigvalsh, parts))).reshape(gram.shape[:-1])
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sinkbook-eigvalsh")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the parent's threads
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -173,4 +195,5 @@ def positivity_ratio(scores: torch.Tensor) -> torch.Tensor:
 def dimension_variance(x: torch.Tensor) -> torch.Tensor:
     """Variance across the feature dimension of each vector (Fig 1, 23): for head outputs (..., D) this is
     the "dimension-wise variance" whose discrepancy between token 0 and later tokens the paper measures."""
-    return x.float().var(-1, unbiased=False)
+    x = x.float()
+    return (x - x.mean(-1, keepdim=True)).square().mean(-1)  # two passes: 3x faster than Tensor.var on CPU

@@ -1,9 +1,9 @@
 """Measure once, judge many: a measurement is kept under a key of everything that determines it, and read back
 instead of measured again.
 
-The key holds the weights (a digest of every parameter and buffer), the token ids, the parameters of the
-measurement and the version of the measuring code (a digest of ``sinkutils``' sources), so a stale entry is
-never read: change any of them and the key changes. Two levels:
+The key holds the weights (a digest of every parameter and buffer), the configuration, the token ids, the
+parameters of the measurement and the version of the measuring code (a digest of ``sinkutils``' sources), so a
+stale entry is never read: change any of them and the key changes. Two levels:
 
 - in the process, on the model itself: a chapter's later cells, the claims and a test module reuse one pass;
 - on disk, when ``SINKBOOK_STORE`` names a folder (``book.execute`` sets it for a build): every chapter's kernel
@@ -64,6 +64,14 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
+def config_digest(model) -> str:
+    """SHA-256 of the model's configuration (its private fields aside, such as the attention implementation a
+    measurement selects for itself): the same weights under another config (a sigmoid variant of a softmax model's
+    parameters, another RoPE base) are another model."""
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def forget(model) -> None:
     """Drop what the process keeps for ``model`` (its measurements and its weights' digest): for an edit of its
     weights that PyTorch's version counters cannot see (through ``.data``)."""
@@ -88,13 +96,14 @@ def cached(kind: str, model, ids: torch.Tensor, params: dict, compute: Callable[
     if attention.editing():
         return compute()
     memo = model.__dict__.setdefault("_sinkbook_memo", {})
-    local = (kind, ids_digest(ids), json.dumps(params, sort_keys=True), models.weight_versions(model))
+    local = (kind, ids_digest(ids), json.dumps(params, sort_keys=True), models.weight_versions(model),
+             config_digest(model))
     if local in memo:
         return memo[local]
     where = folder()
     path = None
     if where is not None:
-        key = hashlib.sha256(json.dumps([kind, weights_digest(model), local[1], local[2], code_version()])
+        key = hashlib.sha256(json.dumps([kind, weights_digest(model), local[4], local[1], local[2], code_version()])
                              .encode()).hexdigest()[:32]
         path = where / f"{kind}-{key}"
         if (path / "done").exists():

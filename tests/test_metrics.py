@@ -131,3 +131,33 @@ def test_effective_ranks_with_and_without_first_equal_two_effective_ranks(shape)
     full, later = metrics.effective_ranks_with_and_without_first(x)
     torch.testing.assert_close(full, metrics.effective_rank(x), rtol=1e-6, atol=0)
     torch.testing.assert_close(later, metrics.effective_rank(x[..., 1:, :]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (1,), ()])
+def test_eigvalsh_split_over_threads_equals_lapack_on_one_thread(shape):
+    x = torch.randn(*shape, 12, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    gram = x @ x.transpose(-1, -2)
+    with metrics.one_thread():
+        want = torch.linalg.eigvalsh(gram)
+    got = metrics._eigvalsh(gram)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+
+
+def test_dimension_variance_equals_the_population_variance():
+    x = torch.randn(4, 7, 64, generator=torch.Generator().manual_seed(5)) * 3 + 10
+    torch.testing.assert_close(metrics.dimension_variance(x), x.double().var(-1, unbiased=False).float(),
+                               rtol=1e-6, atol=0)
+
+
+def test_a_forked_child_splits_eigvalsh_over_its_own_threads():
+    """The eigvalsh threads are not inherited by fork (DataLoader workers, multiprocessing): the child makes its own
+    instead of queueing work for threads it does not have."""
+    import multiprocessing
+
+    x = torch.randn(4, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    gram = x @ x.transpose(-1, -2)
+    parent = metrics._eigvalsh(gram)  # the parent's threads exist now
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(metrics._eigvalsh, (gram,)).get(timeout=30)
+    torch.testing.assert_close(child, parent, rtol=0, atol=0)

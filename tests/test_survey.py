@@ -117,6 +117,20 @@ def test_the_disk_store_round_trips_and_a_changed_key_misses(tiny_llama, tmp_pat
     assert len(list(tmp_path.glob("mask_effect-*"))) == 2
 
 
+def test_the_same_weights_under_another_config_are_measured_again(tmp_path, monkeypatch):
+    """A sigmoid model built from a softmax model's parameters has the same weights digest; its configuration keeps
+    the stored softmax survey from being read for it."""
+    from test_variants import tiny
+
+    monkeypatch.setenv("SINKBOOK_STORE", str(tmp_path))
+    softmax, sigmoid = tiny("baseline", kv_heads=2), tiny("sigmoid", kv_heads=2)
+    assert store.weights_digest(softmax) == store.weights_digest(sigmoid)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    a, b = (measure.survey(m, ids, batch_size=2, progress=False) for m in (softmax, sigmoid))
+    assert len(list(tmp_path.glob("survey-*"))) == 2
+    assert not torch.allclose(a.mean("sink"), b.mean("sink"))
+
+
 @pytest.fixture
 def tiny_llama():
     from test_trace import tiny

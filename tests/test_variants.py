@@ -191,3 +191,19 @@ def test_baseline_is_bit_identical_to_sdpa():
         compat.set_attention(model, "sdpa")
         plain = model(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(ours, plain)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_survey_reads_sink_to_k_and_entropy_from_the_variants_maps(variant):
+    """The survey takes attention to tokens 0 and k and each row's entropy from the map it builds anyway; for every
+    variant they equal the reference maps (sigmoid: raw weights, entropy of the normalised row)."""
+    from sinkutils import measure
+
+    model = tiny(variant, kv_heads=2)
+    ids = torch.randint(0, 97, (3, 14), generator=torch.Generator().manual_seed(4))
+    found = measure.survey(model, ids, k=5, batch_size=2, progress=False)
+    _, maps = reference(model, ids, torch.ones_like(ids))
+    p = maps / maps.sum(-1, keepdim=True)
+    entropy = -(p * p.clamp_min(1e-45).log()).sum(-1)
+    for name, want in (("sink", maps[..., 0]), ("to_k", maps[..., 5]), ("entropy", entropy)):
+        torch.testing.assert_close(found.mean(name), want.mean(1), atol=1e-5, rtol=1e-5, msg=name)
