@@ -303,7 +303,7 @@ main() {
       # three workers, a test file each at a time (pytest-xdist; a test of minutes apart, tests/conftest.py): much of
       # the suite waits on kernels, sandboxes and subprocesses (one worker left 2 cores 62% idle); the measurement
       # store (tests/conftest.py) is shared by all of them
-      HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -n 3 --dist loadgroup "$@"
+      HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -n 3 --dist loadgroup --no-loadscope-reorder "$@"
       ;;
     *)
       echo "usage: bash run.sh book [sinkutils.book arguments] | test [pytest arguments] | vendor" >&2

@@ -75,7 +75,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--contention", action="store_true")
     p.add_argument("--child")
     args = p.parse_args()

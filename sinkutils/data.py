@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import ast
 import bisect
+import collections
+import contextlib
+import gc
 import importlib.util
 import random
 import sys
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -41,23 +45,52 @@ def _clean(doc: str) -> str:
 
 
 def docstrings(packages: tuple[str, ...] = CORPUS_PACKAGES) -> list[str]:
-    """Docstrings (module, class, function) of installed packages, deduplicated, in a stable order."""
+    """Docstrings (module, class, function) of installed packages, deduplicated, in a stable order (``ast.walk``'s).
+
+    Parsing ~5,600 files builds millions of AST objects: with the cyclic garbage collector paused (an AST has no
+    cycles; each tree is freed by reference counting) and only statements walked (an expression holds no
+    definition), the same list takes 10 s instead of 25 s."""
     seen, out = set(), []
-    for package in packages:
-        for path in _package_files(package):
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
-            except (SyntaxError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                        text = _clean(doc)
-                        if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
-                            seen.add(text)
-                            out.append(text)
+    with _collector_paused():
+        for package in packages:
+            for path in _package_files(package):
+                try:
+                    tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+                except (SyntaxError, ValueError):
+                    continue
+                for node in _statements(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                            text = _clean(doc)
+                            if len(text) >= MIN_DOCSTRING_CHARS and text not in seen:
+                                seen.add(text)
+                                out.append(text)
     return out
+
+
+_HOLDS_DEFINITIONS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _statements(tree: ast.AST) -> Iterator[ast.AST]:
+    """``ast.walk`` (breadth first) pruned to the nodes that can hold a definition: statements, except handlers and
+    match cases. Pruning subtrees with none of them keeps the kept nodes' order."""
+    todo = collections.deque([tree])
+    while todo:
+        node = todo.popleft()
+        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _HOLDS_DEFINITIONS))
+        yield node
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def python_docs() -> list[str]:

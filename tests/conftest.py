@@ -45,11 +45,25 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(line, yellow=bool(wanted))
 
 
+#: the groups of minutes, longest first (the slowest tests of a full run). ``bash run.sh test`` hands groups to the
+#: workers in collection order (``--no-loadscope-reorder``; xdist's default puts the groups with most tests first,
+#: which started the single-test groups of minutes last, to run alone while the other workers had finished)
+LONGEST_FIRST = ("test_chapters", "test_gpu_rehearsal", "grader-hostile", "gpu-rehearsal-other-models", "test_grader",
+                 "test_assignments", "test_site", "test_packaged", "test_smollm2")
+
+
+def group_of(item) -> str:
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker else item.module.__name__.rpartition(".")[2]
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """``bash run.sh test`` runs pytest-xdist workers with ``--dist loadgroup``: a test file's tests stay on one worker
     (its module fixtures are built once), except the few that take minutes and name a group of their own, so they
-    run beside the rest of their file."""
+    run beside the rest of their file. The groups of minutes come first (``LONGEST_FIRST``)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group(group_of(item)))
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: the rest keep their order

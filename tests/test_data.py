@@ -74,3 +74,58 @@ def test_without_bos_the_start_token_stands_at_position_0_only():
 def test_without_bos_text_shorter_than_a_row_is_refused():
     with pytest.raises(ValueError, match="no paragraph holds"):
         data.token_batch(word_tokenizer(bos=False, adds_bos=False), TEXTS, n=2, length=16)
+
+
+NESTED_DEFINITIONS = '''
+"""module"""
+def f():
+    """f"""
+    class A:
+        def g(self): pass
+    if x:
+        def h(): pass
+    else:
+        async def i(): pass
+try:
+    def j(): pass
+except E:
+    def k(): pass
+finally:
+    class B: pass
+with m:
+    def l(): pass
+match v:
+    case 1:
+        def n(): pass
+y = [lambda: 0 for _ in range(3)]
+'''
+
+
+def test_the_statement_walk_finds_every_definition_in_ast_walks_order():
+    import ast
+
+    tree = ast.parse(NESTED_DEFINITIONS)
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    want = [n for n in ast.walk(tree) if isinstance(n, kinds)]
+    assert [n for n in data._statements(tree) if isinstance(n, kinds)] == want
+    assert len(want) == 11  # the module, f, A, g, h, i, j, k, B, l, n
+
+
+def test_docstrings_equal_a_full_ast_walk_of_the_standard_library():
+    import ast
+
+    seen, want = set(), []
+    for path in data._package_files("stdlib"):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                text = data._clean(doc) if doc and len(doc) >= data.MIN_DOCSTRING_CHARS else ""
+                if len(text) >= data.MIN_DOCSTRING_CHARS and text not in seen:
+                    seen.add(text)
+                    want.append(text)
+    assert data.docstrings(("stdlib",)) == want and len(want) > 1000
+    assert __import__("gc").isenabled()  # the collector paused for the parse only
