@@ -16,6 +16,7 @@ from sinkutils import (assign, attention, book, exercises, interventions, measur
                        structure, variants)
 from sinkutils.exercises import (ch1_sink, ch2_variance, ch3_interventions, ch4_super_neurons, ch5_disparity,
                                  ch6_headwise)
+from limits import STALL
 
 needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "config.json").exists(),
                                  reason="embedded model sinkbook-tiny not trained yet")
@@ -456,7 +457,7 @@ def test_student_edition_executes_with_every_exercise_not_implemented_yet(name, 
 @needs_model
 @pytest.mark.parametrize("name", book.assignments())
 def test_instructor_edition_executes_with_every_check_passing(name, tmp_path):
-    book.execute(name, "cpu", tmp_path, timeout=600, folder="assignments")  # a hang guard, not a speed test
+    book.execute(name, "cpu", tmp_path, timeout=600, folder="assignments", stall_timeout=STALL)  # a hang guard
     outputs = _check_outputs(nbformat.read(tmp_path / f"{name}.ipynb", as_version=4))
     assert [out.splitlines()[0] for out in outputs] == [
         f"\u2714 {ex.name}: {exercises.run(ex.name, REFERENCES[ex.name]).message}" for ex in exercises.of_chapter(name)]

@@ -8,6 +8,7 @@ import papermill
 import pytest
 
 from sinkutils import book, models, project
+from limits import STALL
 
 needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "config.json").exists(),
                                  reason="embedded model sinkbook-tiny not trained yet")
@@ -16,7 +17,7 @@ needs_model = pytest.mark.skipif(not (models.CHECKPOINTS / "sinkbook-tiny" / "co
 @needs_model
 @pytest.mark.parametrize("chapter", project.chapters())
 def test_chapter_executes_under_cpu_profile(chapter, tmp_path):
-    book.execute(chapter, "cpu", tmp_path, timeout=600)  # a hang guard; per-chapter time: benchmarks/book_build.py
+    book.execute(chapter, "cpu", tmp_path, timeout=600, stall_timeout=STALL)  # a hang guard; time: benchmarks/
     nb = nbformat.read(tmp_path / f"{chapter}.ipynb", as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]

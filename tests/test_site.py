@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from sinkutils import book, models, project, release, scoreboard
+from limits import STALL
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 #: the reason tests/conftest.py counts apart (``bash run.sh test`` installs Chromium where it can)
@@ -106,7 +107,7 @@ def build_site(root: Path, chapters: list[str]) -> Path:
     (root / "profiles" / "site.yml").write_text(yaml.safe_dump({"defaults": {"model_name": str(model), "n_texts": 8}}))
     stage_dir = book.stage(root)
     for chapter in chapters:
-        book.execute(chapter, "site", stage_dir / "chapters", root=root, timeout=300)
+        book.execute(chapter, "site", stage_dir / "chapters", root=root, timeout=300, stall_timeout=STALL)
     # the scoreboard on fewer sequences than the cpu profile's 32: the same pages, seconds faster
     small = scoreboard.Settings(n_texts=8)
     return book.build_html(stage_dir, root=root, board=scoreboard.measure({models.DEFAULT: small}, variants=small))
