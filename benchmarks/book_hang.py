@@ -4,6 +4,10 @@ TCP, no watchdog: what `run.sh book` did) or with `sinkutils.book`'s watched eng
     python benchmarks/book_hang.py --chapter 03_interventions --hogs 1 --runs 3 --engine stock
     python benchmarks/book_hang.py --stalled-cell --engine stock      # a cell whose kernel sits idle: hangs to --timeout
     python benchmarks/book_hang.py --stalled-cell --engine sinkbook   # the same: interrupted, retried once, named
+    python benchmarks/book_hang.py --widget-race --engine stock --hogs 2 --hog-nice 0 --timeout 15
+        # cells of Output widgets (widgets.switcher's): nbclient sends their comm messages on the shell socket it
+        # awaits the reply on, and a reply arriving during a send goes unnoticed until the cell's timeout; with
+        # --engine sinkbook the wait re-polls each second (book.bounded_shell_wait)
 
 Prints one line per run: seconds, the outcome, and the longest silence between two kernel messages. A hog runs at
 ``--hog-nice`` (default 19, so it takes only idle CPU from everything else on a shared machine).
@@ -41,6 +45,33 @@ def stalled_root(tmp: Path) -> Path:
     return tmp
 
 
+WIDGETS = ("import ipywidgets as W\nfrom IPython.display import display\nouts = []\nfor i in range(12):\n"
+           "    o = W.Output()\n    with o:\n        display({'image/png': 'iVBOR' + 'A' * 80000}, raw=True)\n"
+           "    outs.append(o)\nW.VBox(outs)")
+
+
+def widgets_root(tmp: Path, cells: int = 60) -> Path:
+    """A book root with one chapter 99_widgets: ``cells`` cells of 12 Output widgets, each holding a figure-sized
+    output, as ``widgets.switcher`` builds them."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("n = 3", metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(WIDGETS) for _ in range(cells)]
+    (tmp / "chapters").mkdir(parents=True)
+    (tmp / "profiles").mkdir()
+    nbformat.write(nb, tmp / "chapters" / "99_widgets.ipynb")
+    (tmp / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"n": 3}}))
+    return tmp
+
+
+def cells_at_timeout(path: Path, timeout: float) -> int:
+    """Cells that ran for (nearly) the whole per-cell timeout: their reply was taken only when the wait ended."""
+    if not path.exists():
+        return -1
+    return sum((c.metadata.get("papermill", {}).get("duration") or 0) >= 0.9 * timeout
+               for c in nbformat.read(path, as_version=4).cells)
+
+
 def run_once(chapter: str, root: Path, out: Path, engine: str, timeout: int, stall: float) -> tuple[float, str]:
     import papermill
 
@@ -74,6 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--chapter", default="03_interventions")
     p.add_argument("--stalled-cell", action="store_true", help="run a synthetic chapter whose last cell stalls")
+    p.add_argument("--widget-race", action="store_true", help="run a synthetic chapter of Output-widget cells")
     p.add_argument("--engine", choices=["stock", "sinkbook"], default="sinkbook")
     p.add_argument("--hogs", type=int, default=1)
     p.add_argument("--hog-nice", type=int, default=19)
@@ -84,14 +116,17 @@ def main() -> None:
     hogs = [subprocess.Popen(["nice", "-n", str(args.hog_nice), sys.executable, "-c", HOG]) for _ in range(args.hogs)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            root = stalled_root(Path(tmp) / "root") if args.stalled_cell else project.ROOT
-            chapter = "99_stalled" if args.stalled_cell else args.chapter
+            root = (stalled_root(Path(tmp) / "root") if args.stalled_cell else
+                    widgets_root(Path(tmp) / "root") if args.widget_race else project.ROOT)
+            chapter = "99_stalled" if args.stalled_cell else "99_widgets" if args.widget_race else args.chapter
             for i in range(args.runs):
                 out = Path(tmp) / f"out{i}"
                 out.mkdir()
                 seconds, outcome = run_once(chapter, root, out, args.engine, args.timeout, args.stall_timeout)
+                done = out / f"{chapter}.ipynb"
                 print(f"run {i + 1}: {chapter} engine={args.engine} hogs={args.hogs} {seconds:7.1f} s  {outcome}  "
-                      f"longest gap between cells {longest_silence(out / f'{chapter}.ipynb'):.1f} s", flush=True)
+                      f"longest gap between cells {longest_silence(done):.1f} s; cells that waited for their "
+                      f"{args.timeout} s timeout: {cells_at_timeout(done, args.timeout)}", flush=True)
     finally:
         for hog in hogs:
             hog.kill()

@@ -48,6 +48,40 @@ STALL_TIMEOUT = 180.0
 PEAK_RSS: dict[str, int] = {}
 
 
+#: seconds between fresh looks at the shell socket while a cell's reply is awaited (``bounded_shell_wait``)
+SHELL_RECHECK = 1.0
+
+
+def bounded_shell_wait(kc) -> None:
+    """Make ``kc``'s shell ``get_msg`` wait in steps of ``SHELL_RECHECK`` seconds, each a fresh poll of the socket.
+
+    nbclient awaits a cell's execute_reply on the shell socket while its mock of the ipywidgets Output widget sends
+    comm messages on that same socket (``nbclient.output_widget``: every ``with out:`` of ``widgets.switcher``). A
+    send can consume the socket's edge-triggered read signal, so a reply arriving meanwhile is never noticed: the
+    kernel idles and the cell waits until its timeout (a chapter's switcher cell, twice in three full test runs).
+    A fresh poll reads the socket's pending events, so such a reply is taken within a second."""
+    from queue import Empty
+
+    channel = kc.shell_channel
+    if getattr(channel, "_sinkbook_bounded", False):
+        return
+    get_msg = channel.get_msg
+
+    async def bounded(timeout: float | None = None, **kwargs):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = SHELL_RECHECK if left is None else min(SHELL_RECHECK, left)
+            try:
+                return await get_msg(timeout=step, **kwargs)
+            except Empty:
+                if left is not None and left <= SHELL_RECHECK:
+                    raise
+
+    channel.get_msg = bounded
+    channel._sinkbook_bounded = True
+
+
 def _engine() -> str:
     """Register (once) and name papermill's nbclient engine with a watched client. The client starts the kernel
     over IPC sockets in a private folder (TCP gave a warning per chapter, and its ports can be taken by another
@@ -93,6 +127,7 @@ def _engine() -> str:
                 return 0.0
 
         async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+            bounded_shell_wait(self.kc)
             run = asyncio.ensure_future(super().async_execute_cell(cell, cell_index, execution_count, store_history))
             seen, last, interrupted = (self._kernel_cpu(), getattr(self, "_messages", 0)), time.monotonic(), False
             while not run.done():

@@ -192,6 +192,67 @@ def test_a_busy_silent_cell_is_progress_not_a_stall(tmp_path):
     assert nbformat.read(tmp_path / "out" / "99_busy.ipynb", as_version=4).cells[-1].outputs[0]["text"] == "busy 2\n"
 
 
+class _StuckChannel:
+    """A shell channel whose wait without a timeout never returns (the reply's read signal was consumed), while a
+    fresh poll finds the reply once it has arrived (``arrives`` seconds in)."""
+
+    def __init__(self, arrives: float):
+        import time
+
+        self.start, self.arrives, self.polls = time.monotonic(), arrives, []
+
+    async def get_msg(self, timeout=None):
+        import asyncio
+        import time
+        from queue import Empty
+
+        self.polls.append(timeout)
+        assert timeout is not None, "an unbounded wait would hang here"
+        ready_in = self.start + self.arrives - time.monotonic()
+        if ready_in > timeout:
+            await asyncio.sleep(timeout)
+            raise Empty
+        await asyncio.sleep(max(0.0, ready_in))
+        return {"msg_type": "execute_reply"}
+
+
+def test_a_reply_whose_read_signal_was_lost_is_taken_within_a_second():
+    import asyncio
+    import types
+    from queue import Empty
+
+    from sinkutils import book
+
+    kc = types.SimpleNamespace(shell_channel=_StuckChannel(arrives=2.5))
+    book.bounded_shell_wait(kc)
+    book.bounded_shell_wait(kc)  # once per channel
+    assert asyncio.run(kc.shell_channel.get_msg(timeout=None)) == {"msg_type": "execute_reply"}
+    assert kc.shell_channel.polls == [book.SHELL_RECHECK] * 3  # fresh polls of at most a second each
+    late = types.SimpleNamespace(shell_channel=_StuckChannel(arrives=60))
+    book.bounded_shell_wait(late)
+    with pytest.raises(Empty):  # a finite timeout still ends the wait when no reply comes
+        asyncio.run(late.shell_channel.get_msg(timeout=1.5))
+    assert late.shell_channel.polls[0] == 1.0 and late.shell_channel.polls[1] == pytest.approx(0.5, abs=0.05)
+
+
+def test_output_widget_cells_do_not_wait_for_their_timeout(tmp_path):
+    """widgets.switcher's cells: many Output widgets with figure-sized outputs, whose comm messages nbclient sends on
+    the shell socket while it awaits the reply (benchmarks/book_hang.py --widget-race: 25 of 140 such cells waited
+    for their 15 s timeout beside a busy neighbour with nbclient's own wait)."""
+    import time
+
+    from sinkutils import book
+    from tests.test_chapters import one_chapter_root
+
+    cell = ("import ipywidgets as W\nfrom IPython.display import display\nouts = []\nfor i in range(12):\n"
+            "    o = W.Output()\n    with o:\n        display({'image/png': 'iVBOR' + 'A' * 80000}, raw=True)\n"
+            "    outs.append(o)\nW.VBox(outs)")
+    root = one_chapter_root(tmp_path, "99_widgets", ["x = 1", *[cell] * 12], {"x": 2})
+    start = time.monotonic()
+    book.execute("99_widgets", "cpu", tmp_path / "out", root=root, timeout=30)
+    assert time.monotonic() - start < 30  # not one cell reached its timeout
+
+
 def test_a_dead_kernel_names_chapter_and_cell(tmp_path):
     from sinkutils import book
     from tests.test_chapters import one_chapter_root
