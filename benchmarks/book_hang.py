@@ -31,18 +31,22 @@ STALL = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)  # li
         "time.sleep(3600)"
 
 
-def stalled_root(tmp: Path) -> Path:
-    """A book root with one chapter 99_stalled: a few quick cells, then one that sits idle ignoring interrupts."""
+def synthetic_root(tmp: Path, chapter: str, sources: list[str]) -> Path:
+    """A book root with one chapter of the given cells after a parameters cell (its cpu profile sets ``n``)."""
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
     nb.cells = [nbformat.v4.new_code_cell("n = 3", metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(f"print(sum(range(10 ** 6)) + {i})") for i in range(20)] + \
-                [nbformat.v4.new_code_cell(STALL)]
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in sources]
     (tmp / "chapters").mkdir(parents=True)
     (tmp / "profiles").mkdir()
-    nbformat.write(nb, tmp / "chapters" / "99_stalled.ipynb")
+    nbformat.write(nb, tmp / "chapters" / f"{chapter}.ipynb")
     (tmp / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"n": 3}}))
     return tmp
+
+
+def stalled_root(tmp: Path) -> Path:
+    """A book root with one chapter 99_stalled: a few quick cells, then one that sits idle ignoring interrupts."""
+    return synthetic_root(tmp, "99_stalled", [f"print(sum(range(10 ** 6)) + {i})" for i in range(20)] + [STALL])
 
 
 WIDGETS = ("import ipywidgets as W\nfrom IPython.display import display\nouts = []\nfor i in range(12):\n"
@@ -53,15 +57,7 @@ WIDGETS = ("import ipywidgets as W\nfrom IPython.display import display\nouts = 
 def widgets_root(tmp: Path, cells: int = 60) -> Path:
     """A book root with one chapter 99_widgets: ``cells`` cells of 12 Output widgets, each holding a figure-sized
     output, as ``widgets.switcher`` builds them."""
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                           "language": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell("n = 3", metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(WIDGETS) for _ in range(cells)]
-    (tmp / "chapters").mkdir(parents=True)
-    (tmp / "profiles").mkdir()
-    nbformat.write(nb, tmp / "chapters" / "99_widgets.ipynb")
-    (tmp / "profiles" / "cpu.yml").write_text(json.dumps({"defaults": {"n": 3}}))
-    return tmp
+    return synthetic_root(tmp, "99_widgets", [WIDGETS] * cells)
 
 
 def cells_at_timeout(path: Path, timeout: float) -> int:

@@ -391,8 +391,9 @@ def _readonly_paths() -> list[Path]:
     import site
 
     wanted = [Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent]
-    if _model_cache() is not None:
-        wanted.append(_model_cache())
+    cache = _model_cache()
+    if cache is not None:
+        wanted.append(cache)
     user_site = Path(site.getusersitepackages())
     if str(user_site) in sys.path and user_site.is_dir():
         wanted.append(user_site)
@@ -475,10 +476,11 @@ def sandbox_problem(hidden: list[Path] = ()) -> str | None:
 
 def _runner_env(root: str) -> dict[str, str]:
     """The runner's whole environment: nothing inherited (no path to the submissions or the project)."""
+    cache = _model_cache()
     return {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": f"{root}/home",
             "TMPDIR": f"{root}/tmp", "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
             "MPLBACKEND": "agg", "TQDM_DISABLE": "1", "HF_HOME": f"{root}/home/hf", "HF_HUB_OFFLINE": "1",
-            "JUPYTER_PLATFORM_DIRS": "1"} | ({"SINKBOOK_CACHE": str(_model_cache())} if _model_cache() else {})
+            "JUPYTER_PLATFORM_DIRS": "1"} | ({"SINKBOOK_CACHE": str(cache)} if cache else {})
 
 
 class _Drain(threading.Thread):
